@@ -1,0 +1,176 @@
+"""Keras per-output losses as loss-protocol callables.
+
+``per_output("mse", output="regression_output")`` reads one output and the target of the same name and applies a
+Keras loss to the pair, exactly as ``keras.Model.compile(loss={...})`` would (same resolution of ``"crossentropy"``,
+same rank alignment, same ``sum_over_batch_size`` reduction). The Trainer's Keras-style dict entries go through here,
+so there is one code path for them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+__all__ = ["PerOutputLoss", "ShapeMismatchError", "per_output"]
+
+
+class ShapeMismatchError(ValueError):
+    """An output and its target have shapes that a per-output loss cannot compare."""
+
+
+def _align_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Keras' rank alignment: a trailing axis of size 1 on one side is dropped when the other lacks it."""
+    t_rank, p_rank = y_true.shape.rank, y_pred.shape.rank
+    if t_rank == p_rank + 1 and y_true.shape[-1] == 1:
+        y_true = tf.squeeze(y_true, -1)
+    elif p_rank == t_rank + 1 and y_pred.shape[-1] == 1:
+        y_pred = tf.squeeze(y_pred, -1)
+    return y_true, y_pred
+
+
+class FunctionLoss(keras.losses.Loss):
+    """A function ``fn(y_true, y_pred) -> per-example values`` as a Keras ``Loss`` (mean over the batch)."""
+
+    def __init__(self, fn: Callable, name: str | None = None) -> None:
+        super().__init__(name=name or getattr(fn, "__name__", None))
+        self.fn = fn
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return self.fn(*_align_ranks(y_true, y_pred))
+
+
+def _keras_loss_names() -> list[str]:
+    names = {n for n in dir(keras.losses) if not n.startswith("_") and n.islower()}
+    names -= {"get", "serialize", "deserialize"}
+    return sorted(names | {"mse", "mae", "mape", "msle", "crossentropy"})
+
+
+def _is_binary_or_sparse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[bool, bool]:
+    # The rule Keras applies to "crossentropy" and "accuracy" (keras/src/trainers/compile_utils.py).
+    t_rank, p_rank = y_true.shape.rank, y_pred.shape.rank
+    is_binary = y_pred.shape[-1] == 1
+    is_sparse = t_rank < p_rank or (y_true.shape[-1] == 1 and y_pred.shape[-1] not in (None, 1))
+    return is_binary, is_sparse
+
+
+def _display(identifier: object) -> str:
+    if isinstance(identifier, str):
+        return identifier
+    return getattr(identifier, "name", None) or getattr(identifier, "__name__", type(identifier).__name__)
+
+
+class PerOutputLoss:
+    """A Keras loss applied to one output and one target; a loss-protocol callable returning a scalar.
+
+    Args:
+        loss: a Keras loss name (``"mse"``, ``"categorical_crossentropy"``, ``"crossentropy"``), a
+            ``keras.losses.Loss`` object, or a function ``fn(y_true, y_pred)`` returning per-example values.
+        output: the output it reads.
+        target: the target it reads; defaults to ``output``.
+        sample_weight: optional name of a target holding per-example weights.
+    """
+
+    def __init__(
+        self,
+        loss: str | keras.losses.Loss | Callable,
+        *,
+        output: str,
+        target: str | None = None,
+        sample_weight: str | None = None,
+    ) -> None:
+        if not isinstance(output, str) or not output:
+            raise ValueError(f"per_output: `output` must be an output name (a non-empty str), got {output!r}.")
+        self.output = output
+        self.target = output if target is None else target
+        self.sample_weight = sample_weight
+        self.identifier = loss
+        self.name = _display(loss)
+        self._loss: keras.losses.Loss | None = None
+        if isinstance(loss, str):
+            if loss.lower() not in ("crossentropy", "ce"):
+                self._loss = self._from_name(loss)
+        elif isinstance(loss, keras.losses.Loss):
+            self._loss = loss
+        elif callable(loss):
+            self._loss = FunctionLoss(loss, name=self.name)
+        else:
+            raise TypeError(
+                f"per_output: loss for output {output!r} must be a Keras loss name, a keras.losses.Loss or a "
+                f"function (y_true, y_pred); got {type(loss).__name__}."
+            )
+
+    def _from_name(self, name: str) -> keras.losses.Loss:
+        try:
+            resolved = keras.losses.get(name)
+        except ValueError:
+            known = _keras_loss_names()
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"Unknown Keras loss {name!r} for output {self.output!r}.{hint} Known names: {', '.join(known)}."
+            ) from None
+        if isinstance(resolved, keras.losses.Loss):
+            return resolved
+        return FunctionLoss(resolved, name=name)
+
+    def _resolve(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> keras.losses.Loss:
+        if self._loss is None:  # "crossentropy": chosen from the shapes, as Keras does
+            is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
+            if is_binary:
+                self._loss = keras.losses.BinaryCrossentropy(name=self.name)
+            elif is_sparse:
+                self._loss = keras.losses.SparseCategoricalCrossentropy(name=self.name)
+            else:
+                self._loss = keras.losses.CategoricalCrossentropy(name=self.name)
+        return self._loss
+
+    def _is_sparse(self, loss: keras.losses.Loss) -> bool:
+        fn = getattr(loss, "fn", None)
+        names = (type(loss).__name__, getattr(loss, "name", ""), getattr(fn, "__name__", ""))
+        return any("sparse" in n.lower() for n in names)
+
+    def _check_shapes(self, loss: keras.losses.Loss, y_true: tf.Tensor, y_pred: tf.Tensor) -> None:
+        t, p = y_true.shape, y_pred.shape
+        if t.rank is None or p.rank is None:
+            return
+        if self._is_sparse(loss):
+            expected = [p[:-1], p[:-1].concatenate([1])]
+            ok = any(t.rank == e.rank and t[1:].is_compatible_with(e[1:]) for e in expected)
+            rule = f"a sparse loss wants integer labels of shape {p[:-1]} (or with a trailing 1)"
+        else:
+            if t.rank == p.rank + 1 and t[-1] == 1:  # Keras squeezes a trailing 1 to align ranks
+                t = t[:-1]
+            elif p.rank == t.rank + 1 and p[-1] == 1:
+                p = p[:-1]
+            ok = t.rank == p.rank and t[1:].is_compatible_with(p[1:])
+            rule = f"{self.name!r} compares them element by element"
+        if not ok:
+            raise ShapeMismatchError(
+                f"Output {self.output!r} has shape {tuple(y_pred.shape)} but its target {self.target!r} has shape "
+                f"{tuple(y_true.shape)}: {rule}."
+            )
+
+    def __call__(self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        y_pred = outputs[self.output]
+        y_true = targets[self.target]
+        loss = self._resolve(y_true, y_pred)
+        self._check_shapes(loss, y_true, y_pred)
+        weight = None if self.sample_weight is None else targets[self.sample_weight]
+        return loss(y_true, y_pred, sample_weight=weight)
+
+    def __repr__(self) -> str:
+        return f"per_output({self.name!r}, output={self.output!r}, target={self.target!r})"
+
+
+def per_output(
+    loss: str | keras.losses.Loss | Callable,
+    *,
+    output: str,
+    target: str | None = None,
+    sample_weight: str | None = None,
+) -> PerOutputLoss:
+    """Turn a Keras loss into a loss-protocol callable on one output/target pair (see :class:`PerOutputLoss`)."""
+    return PerOutputLoss(loss, output=output, target=target, sample_weight=sample_weight)

@@ -1,0 +1,84 @@
+"""Models from the seed articles (seed 001), and small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+
+
+def example1(regularizer: float | None = None) -> keras.Model:
+    """Seed 001 example 1: 100 -> 64 -> 32 -> (regression 1, classification 3 softmax)."""
+    reg = keras.regularizers.L2(regularizer) if regularizer else None
+    inp = layers.Input((100,))
+    x = layers.Dense(64, activation="relu", kernel_regularizer=reg)(inp)
+    x = layers.Dense(32, activation="relu", kernel_regularizer=reg)(x)
+    r = layers.Dense(1, activation="linear", name="regression_output")(x)
+    c = layers.Dense(3, activation="softmax", name="classification_output")(x)
+    return keras.Model(inp, [r, c])
+
+
+def example1_data(n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 100), dtype=np.float32)
+    y = {
+        "regression_output": rng.random((n, 1), dtype=np.float32),
+        "classification_output": np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)],
+    }
+    return x, y
+
+
+def example2(image_size: int = 28) -> keras.Model:
+    """Seed 001 example 2. ``image_size=14`` is the article as printed (its image output is 14x14)."""
+    inp = layers.Input((28, 28, 1))
+    x = layers.Conv2D(4, (3, 3), activation="relu")(inp)
+    x = layers.MaxPooling2D((2, 2))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(16, activation="relu")(x)
+    v = layers.Dense(10, activation="sigmoid", name="vector_output")(x)
+    y = layers.Dense(7 * 7 * 4, activation="relu")(x)
+    y = layers.Reshape((7, 7, 4))(y)
+    y = layers.Conv2DTranspose(4, (3, 3), activation="relu", padding="same", strides=(2, 2))(y)
+    last_stride = 2 if image_size == 28 else 1  # the printed article upsamples only once
+    img = layers.Conv2DTranspose(
+        1, (3, 3), activation="sigmoid", padding="same", strides=last_stride, name="image_output"
+    )(y)
+    return keras.Model(inp, [v, img])
+
+
+def example2_data(n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), {
+        "vector_output": rng.random((n, 10), dtype=np.float32),
+        "image_output": rng.random((n, 28, 28, 1), dtype=np.float32),
+    }
+
+
+def example3(as_printed: bool) -> keras.Model:
+    """Seed 001 example 3 (shared layer). As printed, the names sit on the hidden layers, not the outputs."""
+    inp = layers.Input((100,))
+    shared = layers.Dense(64, activation="relu")(inp)
+    h1 = layers.Dense(32, activation="relu", name="output_1" if as_printed else "hidden_1")(shared)
+    o1 = layers.Dense(1, activation="linear", name=None if as_printed else "output_1")(h1)
+    h2 = layers.Dense(32, activation="relu", name="output_2" if as_printed else "hidden_2")(shared)
+    o2 = layers.Dense(5, activation="softmax", name=None if as_printed else "output_2")(h2)
+    return keras.Model(inp, [o1, o2])
+
+
+def example3_data(n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 100), dtype=np.float32), {
+        "output_1": rng.random((n, 1), dtype=np.float32),
+        "output_2": np.eye(5, dtype=np.float32)[rng.integers(0, 5, n)],
+    }
+
+
+def clone(model: keras.Model) -> keras.Model:
+    """A second model with the same architecture and the same weights."""
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def weights(model: keras.Model) -> list[np.ndarray]:
+    return [np.array(w) for w in model.get_weights()]

@@ -1,0 +1,171 @@
+"""The loop: one trace, in-graph blocks, evaluate/predict, every kind of model, XLA and eager modes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from trainer import Trainer
+from trainer.data import Data
+
+LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+
+
+def _linear(units: int = 2, seed: int = 0) -> keras.Model:
+    inp = keras.layers.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(units, name="out")(inp))
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(size=(3, units)).astype("float32"), rng.normal(size=(units,)).astype("float32")])
+    return model
+
+
+def test_three_epochs_partial_batch_and_validation_trace_once_and_weight_change_does_not_retrace():
+    trainer = Trainer(helpers.example1(), optimizer="sgd", loss=LOSSES, steps_per_execution=2)
+    data, val = helpers.example1_data(70), helpers.example1_data(19, seed=1)  # partial batches: 6 and 3
+    trainer.fit(data, batch_size=32, epochs=3, validation_data=val, progress=False)
+    assert trainer.trace_counts == {"train": 1, "eval": 1}
+    trainer.loss_weights["classification_output"].assign(0.25)
+    history = trainer.fit(data, batch_size=32, epochs=1, validation_data=val, progress=False).history
+    assert trainer.trace_counts == {"train": 1, "eval": 1}
+    # The new weight is in effect: the logged total is the weighted sum of the logged components.
+    np.testing.assert_allclose(
+        history["val_loss"],
+        np.add(history["val_regression_output"], 0.25 * np.array(history["val_classification_output"])),
+        rtol=1e-5,
+    )
+    trainer.predict(data[0], batch_size=32)
+    trainer.predict(val[0], batch_size=32)
+    assert trainer.trace_counts["predict"] == 1
+
+
+@pytest.mark.parametrize("steps_per_execution", [4, 3])
+def test_steps_per_execution_gives_identical_weights_and_logs(steps_per_execution):
+    data = helpers.example1_data(70)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    kwargs = dict(loss=LOSSES, metrics={"classification_output": ["accuracy"]})
+    one = Trainer(model, optimizer=keras.optimizers.SGD(0.1), **kwargs)
+    many = Trainer(twin, optimizer=keras.optimizers.SGD(0.1), steps_per_execution=steps_per_execution, **kwargs)
+    h1 = one.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    h2 = many.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    assert h1.keys() == h2.keys()
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-6, err_msg=key)
+    for a, b in zip(helpers.weights(model), helpers.weights(twin)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert one.global_step == many.global_step == 2 * 5
+
+
+def test_evaluate_and_predict_match_numpy():
+    model = _linear()
+    w, b = model.get_weights()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(23, 3)).astype("float32")
+    y = rng.normal(size=(23, 2)).astype("float32")
+    trainer = Trainer(model, loss={"output": "mse"}, metrics={"output": ["mae"]})
+    predicted = trainer.predict(x, batch_size=5)
+    expected = x.astype("float64") @ w + b
+    assert list(predicted) == ["output"] and predicted["output"].shape == (23, 2)
+    np.testing.assert_allclose(predicted["output"], expected, rtol=1e-5, atol=1e-6)
+    logs = trainer.evaluate((x, {"output": y}), batch_size=5)
+    assert logs["output"] == pytest.approx(np.mean((expected - y) ** 2), rel=1e-5)
+    assert logs["loss"] == pytest.approx(logs["output"], rel=1e-7)
+    assert logs["output/mae"] == pytest.approx(np.mean(np.abs(expected - y)), rel=1e-5)
+    # The same from a tf.data pipeline (predict also accepts (inputs, targets) elements).
+    ds = tf.data.Dataset.from_tensor_slices((x, {"output": y})).batch(7)
+    assert trainer.evaluate(ds) == pytest.approx(logs, rel=1e-6)
+    np.testing.assert_allclose(trainer.predict(ds)["output"], predicted["output"], rtol=1e-6)
+
+
+class DictModule(tf.Module):
+    """A tf.Module returning a dict: no Keras at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable([[1.0], [-1.0]])
+
+    def __call__(self, x):
+        y = tf.matmul(x, self.w)
+        return {"y": y, "double": 2.0 * y}
+
+
+def test_tf_module_returning_a_dict_trains():
+    module = DictModule()
+    x = np.array([[1.0, 2.0], [3.0, 1.0], [0.5, 0.5]], "float32")
+    target = {"y": np.array([[0.0], [1.0], [2.0]], "float32")}
+
+    def loss(outputs, targets):
+        return tf.reduce_mean(tf.square(outputs["y"] - targets["y"])) + 0.0 * tf.reduce_mean(outputs["double"])
+
+    trainer = Trainer(module, optimizer=keras.optimizers.SGD(0.05), loss=loss)
+    before = trainer.evaluate((x, target))["loss"]
+    trainer.fit((x, target), epochs=20, progress=False)
+    assert trainer.evaluate((x, target))["loss"] < before
+
+
+def test_single_tensor_output_is_keyed_output():
+    trainer = Trainer(_linear(1), loss="mse", optimizer="sgd")
+    x = np.ones((4, 3), "float32")
+    logs = trainer.fit((x, {"output": np.zeros((4, 1), "float32")}), progress=False).history
+    assert list(logs) == ["loss"]
+    assert list(trainer.predict(x)) == ["output"]
+
+
+def test_seed001_example3_with_names_on_the_output_layers_trains():
+    model = helpers.example3(as_printed=False)
+    losses = {"output_1": "mse", "output_2": "categorical_crossentropy"}
+    trainer = Trainer(model, loss=losses, metrics={"output_1": ["mae"], "output_2": ["accuracy"]})
+    history = trainer.fit(helpers.example3_data(40), batch_size=16, epochs=2, progress=False).history
+    assert set(history) == {"loss", "output_1", "output_2", "output_1/mae", "output_2/accuracy"}
+
+
+@pytest.mark.parametrize("mode", ["jit_compile", "run_eagerly"])
+def test_xla_and_eager_modes_match_the_default_graph(mode):
+    data = helpers.example1_data(40)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    ref = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES, steps_per_execution=2)
+    other = Trainer(twin, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES, steps_per_execution=2, **{mode: True})
+    h1 = ref.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    h2 = other.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(helpers.weights(model), helpers.weights(twin)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_input_is_shuffled_each_epoch_with_all_examples_and_a_kept_partial_batch():
+    x = np.arange(12, dtype="float32").reshape(12, 1)
+    data = Data((x, {"output": x}), what="training data", batch_size=5, shuffle=True, seed=7)
+    epochs = [[b[0].numpy().ravel().tolist() for b in data.dataset(e)] for e in range(2)]
+    assert [len(b) for b in epochs[0]] == [5, 5, 2]
+    flat = [[v for batch in e for v in batch] for e in epochs]
+    assert sorted(flat[0]) == sorted(flat[1]) == list(range(12))
+    assert flat[0] != flat[1] and flat[0] != list(range(12))
+    again = Data((x, {"output": x}), what="training data", batch_size=5, shuffle=True, seed=7)
+    assert [b[0].numpy().ravel().tolist() for b in again.dataset(1)] == epochs[1]
+
+
+def test_same_seed_same_weights_different_seed_different_weights():
+    data = helpers.example1_data(40)
+    model = helpers.example1()
+    runs = []
+    for seed in (3, 3, 4):
+        twin = helpers.clone(model)
+        Trainer(twin, optimizer="sgd", loss=LOSSES, seed=seed).fit(data, batch_size=8, epochs=2, progress=False)
+        runs.append(helpers.weights(twin))
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_steps_per_epoch_runs_on_across_epochs_and_restarts_finite_data():
+    x = np.arange(10, dtype="float32").reshape(10, 1)
+    inp = keras.layers.Input((1,))
+    trainer = Trainer(keras.Model(inp, keras.layers.Dense(1)(inp)), loss="mse", steps_per_execution=2)
+    ds = tf.data.Dataset.from_tensor_slices((x, {"output": x})).batch(4)  # 3 batches per pass
+    trainer.fit(ds, epochs=3, steps_per_epoch=2, progress=False)
+    assert trainer.global_step == 6
+    infinite = ds.repeat()
+    trainer.fit(infinite, epochs=2, steps_per_epoch=5, progress=False)
+    assert trainer.global_step == 16

@@ -1,0 +1,25 @@
+"""tapeloop's training loop: ``Trainer`` and the parts it composes."""
+
+from trainer.callbacks import History
+from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
+from trainer.task import Task
+from trainer.trainer import Trainer
+from trainer.writers import CSVWriter, Every, MultiWriter, ProgressWriter, TensorBoardWriter, Writer, WriterCallback
+
+__all__ = [
+    "CSVWriter",
+    "DataError",
+    "Every",
+    "History",
+    "LossProtocolError",
+    "MissingKeyError",
+    "MultiWriter",
+    "NonFiniteLossError",
+    "ProgressWriter",
+    "ShapeMismatchError",
+    "Task",
+    "TensorBoardWriter",
+    "Trainer",
+    "Writer",
+    "WriterCallback",
+]

@@ -1,0 +1,77 @@
+"""Callbacks: Keras callbacks run unchanged; ``History`` records epoch logs; one list dispatches every hook.
+
+Keras callbacks see ``self.model`` (the user's Keras model, with ``optimizer`` and ``stop_training`` set as
+``Model.fit`` sets them; for a non-Keras model a small stand-in with the same attributes) and ``self.params``.
+Batch hooks run once per compiled block, with the index of the block's last step, as Keras does with
+``steps_per_execution``. Callbacks with a ``teardown()`` method get it in the ``finally`` of every loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import keras
+
+__all__ = ["CallbackList", "History", "callback_model"]
+
+
+class History(keras.callbacks.Callback):
+    """Per-epoch logs: ``history.history`` is ``{key: [one value per epoch]}``, as Keras' ``History``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.epoch.append(epoch)
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(value)
+
+
+class _ModelStandIn:
+    """What callbacks see as ``self.model`` when the model is not a ``keras.Model``."""
+
+    def __init__(self, model: Any, optimizer: keras.optimizers.Optimizer) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.stop_training = False
+
+
+def callback_model(model: Any, optimizer: keras.optimizers.Optimizer) -> Any:
+    """The object callbacks get as ``self.model``: the Keras model itself, wired as ``Model.fit`` would wire it."""
+    if isinstance(model, keras.Model):
+        model.optimizer = optimizer
+        model.stop_training = False
+        return model
+    return _ModelStandIn(model, optimizer)
+
+
+class CallbackList:
+    """Calls each hook on every callback, in order (synchronously: a writer sees steps in order)."""
+
+    def __init__(self, callbacks: Iterable[keras.callbacks.Callback], *, model: Any, params: dict[str, Any]) -> None:
+        self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            if not isinstance(callback, keras.callbacks.Callback):
+                raise TypeError(f"callbacks must be keras.callbacks.Callback objects, got {type(callback).__name__}.")
+            callback.set_model(model)
+            callback.set_params(params)
+
+    def __getattr__(self, hook: str):
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+
+        def dispatch(*args: Any) -> None:
+            for callback in self.callbacks:
+                getattr(callback, hook)(*args)
+
+        return dispatch
+
+    def teardown(self) -> None:
+        """Always runs (from ``finally``): close progress bars and writers even when a step raised."""
+        for callback in self.callbacks:
+            teardown = getattr(callback, "teardown", None)
+            if teardown is not None:
+                teardown()

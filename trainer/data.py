@@ -1,0 +1,155 @@
+"""Data adaptation: numpy arrays or a ``tf.data.Dataset`` in, validated per-epoch pipelines of batches out.
+
+Numpy input is ``(x, {name: array})`` with ``batch_size``; it is shuffled each epoch in ``fit`` with a seed derived
+from (base seed, epoch), so an epoch's order is a pure function of its number. A last partial batch is kept.
+A dataset must yield ``(inputs, {name: tensor})`` batches; it is used as given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.errors import DataError
+
+__all__ = ["Data"]
+
+_SHAPE_HINT = "(inputs, {target name: array})"
+
+
+def _as_array(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)  # Keras' floatx, as Model.fit does
+    return array
+
+
+def _leaves(structure: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(structure, Mapping):
+        return [pair for key, value in structure.items() for pair in _leaves(value, f"{prefix}[{key!r}]")]
+    if isinstance(structure, (list, tuple)):
+        return [pair for i, value in enumerate(structure) for pair in _leaves(value, f"{prefix}[{i}]")]
+    return [(prefix, structure)]
+
+
+def _element_tuple(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], Mapping)
+
+
+class Data:
+    """One source of batches.
+
+    Args:
+        source: ``(x, {name: array})`` numpy data, ``x`` alone (``with_targets=False``), or a ``tf.data.Dataset``.
+        what: how messages name this data ("training data", "validation data", ...).
+        batch_size: batch size for numpy input (default 32, as Keras); must be None for a dataset.
+        shuffle: reshuffle numpy input every epoch.
+        seed: base seed of the shuffle.
+        with_targets: whether elements carry a target dict (fit/evaluate) or are inputs only (predict).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        what: str,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        with_targets: bool = True,
+    ) -> None:
+        self.what = what
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.with_targets = with_targets
+        if isinstance(source, tf.data.Dataset):
+            if batch_size is not None:
+                raise DataError(
+                    f"{what}: batch_size applies to numpy input only; a tf.data.Dataset is batched already."
+                )
+            self._arrays = None
+            self._dataset = self._check_dataset(source)
+            cardinality = int(self._dataset.cardinality())
+            self.steps: int | None = cardinality if cardinality >= 0 else None
+            self.infinite = cardinality == tf.data.INFINITE_CARDINALITY
+            if cardinality == 0:
+                raise DataError(f"{what} is empty: the dataset yields no batches.")
+            return
+        if batch_size is None:
+            batch_size = 32
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"{what}: batch_size must be a positive int, got {batch_size!r}.")
+        self.batch_size = batch_size
+        self._arrays = self._check_arrays(source)
+        self._dataset = None
+        self.num_examples = len(_leaves(self._arrays, "")[0][1])
+        self.steps = -(-self.num_examples // batch_size)
+        self.infinite = False
+
+    def _check_dataset(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        spec = dataset.element_spec
+        if not self.with_targets:
+            return dataset.map(lambda x, y: x) if _element_tuple(spec) else dataset
+        if not _element_tuple(spec):
+            raise DataError(
+                f"{self.what}: each dataset element must be {_SHAPE_HINT} with the targets a dict keyed by name; "
+                f"got elements of spec {spec}."
+            )
+        return dataset
+
+    def _check_arrays(self, source: Any) -> Any:
+        if self.with_targets:
+            if not isinstance(source, (tuple, list)) or len(source) != 2:
+                raise DataError(
+                    f"{self.what}: numpy input must be a pair {_SHAPE_HINT}; got a {type(source).__name__}"
+                    + (f" of length {len(source)}" if isinstance(source, (tuple, list)) else "")
+                    + "."
+                )
+            x, y = source
+            if not isinstance(y, Mapping):
+                raise DataError(
+                    f"{self.what}: targets must be a dict {{target name: array}} (each named after the output it "
+                    f"belongs to, e.g. {{'output': y}}); got a {type(y).__name__}."
+                )
+            if not y:
+                raise DataError(f"{self.what}: the target dict is empty.")
+            arrays = (tf.nest.map_structure(_as_array, x), {k: _as_array(v) for k, v in y.items()})
+            leaves = _leaves(arrays[0], "x") + _leaves(arrays[1], "targets")
+        else:
+            arrays = tf.nest.map_structure(_as_array, source)
+            leaves = _leaves(arrays, "x")
+        scalars = [name for name, a in leaves if a.ndim == 0]
+        if scalars:
+            raise DataError(f"{self.what}: {', '.join(scalars)} is a scalar; every array needs a first (example) axis.")
+        lengths = {name: len(a) for name, a in leaves}
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{name}: {n}" for name, n in lengths.items())
+            raise DataError(f"{self.what}: arrays differ in length (number of examples): {shown}.")
+        if next(iter(lengths.values())) == 0:
+            raise DataError(f"{self.what} is empty: the arrays hold 0 examples.")
+        return arrays
+
+    def dataset(self, epoch: int = 0) -> tf.data.Dataset:
+        """The batches of one pass over the data (numpy input: shuffled for ``epoch`` when shuffling)."""
+        if self._dataset is not None:
+            return self._dataset
+        ds = tf.data.Dataset.from_tensor_slices(self._arrays)
+        if self.shuffle:
+            ds = ds.shuffle(self.num_examples, seed=self.seed + 1_000_003 * epoch, reshuffle_each_iteration=False)
+        ds = ds.batch(self.batch_size).prefetch(2)
+        options = tf.data.Options()
+        # A fixed prefetch without autotune: autotune can stall 9-39 s when an epoch stops early (PITFALLS.md).
+        options.autotune.enabled = False
+        options.deterministic = True
+        return ds.with_options(options)
+
+    def first_batch(self) -> Any:
+        """The first batch, for checking structure before training. Raises DataError when there is none."""
+        if self._arrays is not None:
+            return tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[: self.batch_size]), self._arrays)
+        for element in self._dataset.take(1):
+            return element
+        raise DataError(f"{self.what} is empty: the dataset yields no batches.")

@@ -1,0 +1,174 @@
+"""The objective: named losses, their components, the loss-weight variables and the weighted total.
+
+Everything a loss returns passes through :func:`losses.components` (the one normalisation point), so the component
+keys here are exactly the logged keys of DESIGN.md. Weights are ``tf.Variable``s created when the component keys are
+first seen, so changing one between steps never retraces the step.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from losses import components, per_output
+from trainer.errors import names
+from trainer.structure import call_reader
+
+__all__ = ["REGULARIZATION", "TOTAL", "Objective"]
+
+TOTAL = "loss"
+REGULARIZATION = "regularization"
+
+
+def _is_keras_loss(value: object) -> bool:
+    return isinstance(value, (str, keras.losses.Loss))
+
+
+def _describe(name: str | None) -> str:
+    return "the loss" if name is None else f"loss {name!r}"
+
+
+class Objective:
+    """Named losses → components → weighted total.
+
+    Args:
+        loss: one loss callable, or a dict ``{name: loss}``. In the dict a ``str`` or ``keras.losses.Loss`` value is
+            a Keras per-output loss on the output (and target) named by its key. At the top level, a Keras loss is
+            allowed for a single-output model.
+        loss_weights: ``{key: float}`` where key is a loss name (scales all its components) or a full component key.
+    """
+
+    def __init__(self, loss: object, loss_weights: Mapping[str, float] | None = None) -> None:
+        self._entries: dict[str | None, Callable] = {}
+        self._top_level_keras: object = None
+        if loss is None:
+            raise ValueError("`loss` is required: a callable loss(outputs, targets), or a dict {name: loss}.")
+        if isinstance(loss, Mapping):
+            if not loss:
+                raise ValueError("`loss` is an empty dict; give at least one {name: loss}.")
+            for name, fn in loss.items():
+                if not isinstance(name, str) or not name or "/" in name:
+                    raise ValueError(f"Loss names must be non-empty str without '/'; got {name!r}.")
+                if name in (TOTAL, REGULARIZATION):
+                    raise ValueError(f"{name!r} is a reserved key (the weighted total / model.losses); rename it.")
+                if _is_keras_loss(fn) or (callable(fn) and getattr(fn, "__module__", "").startswith("keras")):
+                    self._entries[name] = per_output(fn, output=name)
+                elif callable(fn):
+                    self._entries[name] = fn
+                else:
+                    raise TypeError(
+                        f"loss[{name!r}] is a {type(fn).__name__}; expected a callable loss(outputs, targets), a "
+                        "Keras loss name or a keras.losses.Loss."
+                    )
+        elif _is_keras_loss(loss):
+            self._top_level_keras = loss  # bound to the single output in build()
+        elif callable(loss):
+            self._entries[None] = loss
+        else:
+            raise TypeError(f"`loss` is a {type(loss).__name__}; expected a callable or a dict {{name: loss}}.")
+        weights = dict(loss_weights or {})
+        for key, value in weights.items():
+            if not isinstance(key, str):
+                raise TypeError(f"loss_weights keys must be str (a loss name or component key); got {key!r}.")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"loss_weights[{key!r}] must be a number, got {value!r}.")
+        self._initial_weights = {k: float(v) for k, v in weights.items()}
+        self.weights: dict[str, tf.Variable] = {}
+        self.keys: list[str] = []
+        self._name_of: dict[str, str | None] = {}
+        self.has_regularization = False
+
+    @property
+    def names(self) -> list[str]:
+        """The loss names (keys of the loss dict); empty for a single unnamed loss."""
+        return [n for n in self._entries if n is not None]
+
+    @property
+    def built(self) -> bool:
+        return bool(self.keys)
+
+    def trainable_variables(self) -> list[tf.Variable]:
+        """Variables owned by the losses themselves (a loss Layer's weights), trained with the model."""
+        found: dict[int, tf.Variable] = {}
+        for fn in self._entries.values():
+            for var in getattr(fn, "trainable_variables", None) or []:
+                found.setdefault(id(var), var)
+        return list(found.values())
+
+    def bind_outputs(self, output_names: list[str]) -> None:
+        """Bind a top-level Keras loss to the model's single output (Keras would guess; tapeloop asks)."""
+        if self._top_level_keras is None or self._entries:
+            return
+        if len(output_names) != 1:
+            raise ValueError(
+                f"`loss={self._top_level_keras!r}` is a per-output Keras loss but the model has "
+                f"{len(output_names)} outputs ({names(output_names)}); give one per output, e.g. "
+                f"loss={{{', '.join(f'{n!r}: ...' for n in output_names)}}}."
+            )
+        self._entries[None] = per_output(self._top_level_keras, output=output_names[0])
+
+    def components(
+        self,
+        outputs: Mapping[str, tf.Tensor],
+        targets: Mapping[str, tf.Tensor],
+        regularization: tf.Tensor | None = None,
+        output_hint=None,
+    ) -> dict[str, tf.Tensor]:
+        """Run every loss on the full output and target dicts; return the unweighted components by key."""
+        found: dict[str, tf.Tensor] = {}
+        for name, fn in self._entries.items():
+            value = call_reader(fn, outputs, targets, reader=_describe(name), hint=output_hint)
+            if name is None and isinstance(value, Mapping) and TOTAL in value:
+                raise ValueError(
+                    f"The loss returns a component named {TOTAL!r}, which is reserved for the weighted total; "
+                    "rename it."
+                )
+            for key, part in components(name, value).items():
+                if key in found:
+                    raise ValueError(f"Two losses produce the component key {key!r}; rename one of them.")
+                found[key] = part
+                self._name_of.setdefault(key, name)
+        if regularization is not None:
+            if REGULARIZATION in found:
+                raise ValueError(
+                    f"A loss returns a component named {REGULARIZATION!r}, which is reserved for the model's own "
+                    "losses (model.losses); rename it."
+                )
+            found[REGULARIZATION] = tf.cast(regularization, tf.float32)
+            self._name_of.setdefault(REGULARIZATION, None)
+        return found
+
+    def build(self, keys: list[str], *, has_regularization: bool) -> None:
+        """Create the weight variables once the component keys are known; validate ``loss_weights`` against them."""
+        allowed = set(keys) | set(self.names)
+        unknown = sorted(set(self._initial_weights) - allowed)
+        if unknown:
+            raise ValueError(
+                f"loss_weights has keys {names(unknown)} that are neither a loss name nor a component key; "
+                f"the loss names are {names(self.names)} and the component keys {names(keys)}."
+            )
+        self.keys = list(keys)
+        self.has_regularization = has_regularization
+        for key in sorted(allowed):
+            self.weights[key] = tf.Variable(
+                self._initial_weights.get(key, 1.0), trainable=False, dtype=tf.float32, name=f"loss_weight/{key}"
+            )
+
+    def weight(self, key: str) -> tf.Tensor:
+        """weight(key) = weight of the full key × weight of its loss name (DESIGN.md)."""
+        name = self._name_of[key]
+        factor = self.weights[key]
+        if name is not None and name != key:
+            factor = factor * self.weights[name]
+        return factor
+
+    def total(self, parts: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The weighted sum that is optimised."""
+        return tf.add_n([self.weight(key) * parts[key] for key in self.keys])
+
+    def logged_keys(self) -> list[str]:
+        """``loss`` first, then every component (a single unnamed scalar loss is the total itself)."""
+        return [TOTAL] + [k for k in self.keys if k != TOTAL]

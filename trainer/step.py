@@ -1,0 +1,151 @@
+"""The compiled step and its in-graph loop — the only code that touches the tape.
+
+``Steps`` builds two functions once and caches them: a training block and an evaluation block. Each runs up to
+``num_steps`` steps in one ``tf.while_loop``; ``num_steps`` is a tensor, so any block length reuses one trace.
+A block stops early when the data ends or a loss component is non-finite; it returns how many steps ran and the
+trackers' values, which the host reads once per block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainer.metrics import MetricSpec
+from trainer.objective import TOTAL, Objective
+from trainer.structure import batch_size_of
+from trainer.tracking import Tracker
+
+__all__ = ["BlockResult", "Steps"]
+
+BlockResult = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]
+
+
+class Steps:
+    """Compiled train/eval blocks for one model, objective and optimizer.
+
+    Args:
+        forward: ``forward(inputs, training) -> {output name: tensor}``.
+        regularization: returns ``sum(model.losses)`` (read after ``forward``, inside the tape) or None.
+        objective: the built :class:`Objective`.
+        metrics: the :class:`MetricSpec` (Keras metric objects live in the trackers).
+        trackers: ``{"train": Tracker, "eval": Tracker}``.
+        optimizer: a built Keras optimizer.
+        variables: the trainable variables (model and losses).
+        strategy: the ``tf.distribute.Strategy`` everything was created under.
+        jit_compile: compile each step with XLA.
+        run_eagerly: run everything eagerly (for debugging; slow).
+        output_hint: extra text for a missing output name (see ``structure.output_hint``).
+    """
+
+    def __init__(
+        self,
+        *,
+        forward: Callable[[Any, bool], dict[str, tf.Tensor]],
+        regularization: Callable[[], tf.Tensor | None],
+        objective: Objective,
+        metrics: MetricSpec,
+        trackers: Mapping[str, Tracker],
+        optimizer: keras.optimizers.Optimizer,
+        variables: list[tf.Variable],
+        strategy: tf.distribute.Strategy,
+        jit_compile: bool,
+        run_eagerly: bool,
+        output_hint: Callable[[str], str] | None = None,
+    ) -> None:
+        self._forward = forward
+        self._regularization = regularization
+        self._objective = objective
+        self._metrics = metrics
+        self._trackers = trackers
+        self._optimizer = optimizer
+        self._variables = variables
+        self._strategy = strategy
+        self._hint = output_hint
+        self.loss_keys = objective.logged_keys()  # order of the finite flags and values a block returns
+        self.traces: Counter[str] = Counter()  # incremented only while tracing: a test counts retraces
+
+        def compiled(fn: Callable, **kwargs: Any) -> Callable:
+            return fn if run_eagerly else tf.function(fn, **kwargs)
+
+        train_step = compiled(self._train_step, jit_compile=True) if jit_compile else self._train_step
+        eval_step = compiled(self._eval_step, jit_compile=True) if jit_compile else self._eval_step
+        self.train_block = compiled(lambda it, n: self._block("train", train_step, it, n))
+        self.eval_block = compiled(lambda it, n: self._block("eval", eval_step, it, n))
+
+    # -- one step, run on each replica ----------------------------------------------------------------------------
+
+    def _losses(self, inputs: Any, targets: Mapping[str, tf.Tensor], training: bool):
+        outputs = self._forward(inputs, training)
+        parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
+        total = self._objective.total(parts)
+        return outputs, {**parts, TOTAL: total}
+
+    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
+        tracker = self._trackers[mode]
+        values = {**values, **self._metrics.callable_values(outputs, targets, self._hint)}
+        tracker.update_means(values, batch_size_of(inputs))
+        self._metrics.update(tracker.metrics, outputs, targets)
+
+    def _train_step(self, batch: tuple[Any, Mapping[str, tf.Tensor]]) -> tuple[tf.Tensor, tf.Tensor]:
+        inputs, targets = batch
+        with tf.GradientTape() as tape:
+            outputs, values = self._losses(inputs, targets, training=True)
+        grads = tape.gradient(values[TOTAL], self._variables)
+        pairs = [(g, v) for g, v in zip(grads, self._variables) if g is not None]
+        if not pairs:
+            raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(values[k])) for k in self.loss_keys])
+        stacked = tf.stack([values[k] for k in self.loss_keys])
+
+        def apply() -> tf.Tensor:
+            self._optimizer.apply_gradients(pairs)
+            self._observe("train", inputs, targets, outputs, values)
+            return tf.constant(True)
+
+        # A non-finite step changes nothing: no update, no tracking; the block stops and the host raises.
+        tf.cond(tf.reduce_all(finite), apply, lambda: tf.constant(False))
+        return finite, stacked
+
+    def _eval_step(self, batch: tuple[Any, Mapping[str, tf.Tensor]]) -> tuple[tf.Tensor, tf.Tensor]:
+        inputs, targets = batch
+        outputs, values = self._losses(inputs, targets, training=False)
+        self._observe("eval", inputs, targets, outputs, values)
+        return tf.ones([len(self.loss_keys)], tf.bool), tf.stack([values[k] for k in self.loss_keys])
+
+    # -- the in-graph loop ----------------------------------------------------------------------------------------
+
+    def _run(self, step: Callable, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        finite, values = self._strategy.run(step, args=(batch,))
+        reduce = self._strategy.reduce
+        # A component is finite only if it is finite on every replica.
+        bad = reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32), axis=None)
+        return tf.equal(bad, 0), reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
+
+    def _block(self, mode: str, step: Callable, iterator: Any, num_steps: tf.Tensor) -> BlockResult:
+        """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss.
+
+        Returns ``(steps run, data left, finite flags, loss values of the last step, tracker results)``.
+        """
+        self.traces[mode] += 1
+        k = len(self.loss_keys)
+
+        def cond(i, more, finite, values):
+            return tf.logical_and(tf.logical_and(i < num_steps, more), tf.reduce_all(finite))
+
+        def body(i, more, finite, values):
+            optional = iterator.get_next_as_optional()
+
+            def run():
+                ok, last = self._run(step, optional.get_value())
+                return i + tf.cast(tf.reduce_all(ok), tf.int32), tf.constant(True), ok, last
+
+            return tf.cond(optional.has_value(), run, lambda: (i, tf.constant(False), finite, values))
+
+        start = (tf.constant(0), tf.constant(True), tf.ones([k], tf.bool), tf.zeros([k], tf.float32))
+        ran, more, finite, values = tf.while_loop(cond, body, start)
+        return ran, more, finite, values, self._trackers[mode].result()

@@ -1,0 +1,117 @@
+"""What flows between model, losses and data: output dicts, and read-checked views of outputs and targets.
+
+``as_output_dict`` applies the design card's keying rules to whatever the model returns. ``KeyedView`` is the
+mapping a loss or metric receives: reading a key that does not exist raises :class:`MissingKeyError` naming the
+reader, the key and the keys that exist, instead of a bare ``KeyError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer.errors import MissingKeyError, names
+
+__all__ = ["KeyedView", "as_output_dict", "batch_size_of", "call_reader", "output_hint"]
+
+
+def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[str, tf.Tensor]:
+    """Key a model's return value: a dict as is, a list/tuple by ``output_names``, a single tensor as ``"output"``."""
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"The model returned a dict with non-str keys {bad!r}; output names must be str.")
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        if not output_names or len(output_names) != len(value):
+            raise TypeError(
+                f"The model returned {len(value)} outputs as a {type(value).__name__}, but its output names are "
+                f"{list(output_names or [])!r}; return a dict {{name: tensor}} or give the model named outputs."
+            )
+        return dict(zip(output_names, value))
+    if tf.is_tensor(value) or hasattr(value, "shape"):
+        return {"output": value}
+    raise TypeError(
+        f"The model returned {type(value).__name__}; expected a tensor, a list/tuple of tensors or a dict of them."
+    )
+
+
+def output_hint(model: object) -> Callable[[str], str]:
+    """A function giving an extra hint for a missing output name, e.g. when it names an inner layer of the model."""
+
+    def hint(key: str) -> str:
+        get_layer = getattr(model, "get_layer", None)
+        if get_layer is None:
+            return ""
+        try:
+            get_layer(key)
+        except ValueError:
+            return ""
+        return (
+            f" {key!r} is a layer inside the model but not one of its outputs: give the output layers "
+            "themselves these names (name=... on the layer that produces each output)."
+        )
+
+    return hint
+
+
+class KeyedView(Mapping):
+    """A read-only mapping of outputs or targets that names the reader when a key is missing."""
+
+    def __init__(self, data: Mapping[str, tf.Tensor], *, kind: str, reader: str, hint=None) -> None:
+        self._data = data
+        self._kind = kind  # "output" or "target"
+        self._reader = reader  # e.g. "loss 'det'"
+        self._hint = hint
+
+    def __getitem__(self, key: str) -> tf.Tensor:
+        try:
+            return self._data[key]
+        except KeyError:
+            where = "the model's outputs" if self._kind == "output" else "the data's targets"
+            extra = self._hint(key) if self._hint else ""
+            raise MissingKeyError(
+                f"{self._reader} reads {self._kind} {key!r}, which does not exist; {where} are: "
+                f"{names(self._data)}.{extra}",
+                key,
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"KeyedView({self._kind}s: {names(self._data)})"
+
+
+def batch_size_of(inputs: object) -> tf.Tensor:
+    """The number of examples in a batch, as float32 (the weight of the batch in epoch means)."""
+    first = tf.nest.flatten(inputs)[0]
+    return tf.cast(tf.shape(first)[0], tf.float32)
+
+
+def call_reader(
+    fn: Callable, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], *, reader: str, hint=None
+) -> object:
+    """Call a loss or metric ``fn(outputs, targets)`` so that a missing key is reported with context."""
+    if not isinstance(fn, keras.layers.Layer):
+        return fn(
+            KeyedView(outputs, kind="output", reader=reader, hint=hint),
+            KeyedView(targets, kind="target", reader=reader),
+        )
+    # Keras layers accept only plain nested structures as positional arguments: pass dicts, translate KeyErrors.
+    try:
+        return fn(dict(outputs), dict(targets))
+    except KeyError as err:
+        key = err.args[0] if err.args else None
+        if isinstance(err, MissingKeyError) or key in outputs or key in targets:
+            raise
+        raise MissingKeyError(
+            f"{reader} reads {key!r}, which is neither an output nor a target; the model's outputs are "
+            f"{names(outputs)} and the data's targets are {names(targets)}.",
+            key,
+        ) from None

@@ -1,0 +1,74 @@
+"""Tracking: one tracker per logged key, updated inside the compiled step, read by the host once per block.
+
+Batch-weighted means (every loss component, the total, metric callables) share one fused pair of variables —
+a vector of ``Σ value·batch_size`` and ``Σ batch_size`` — so 20 components cost one ``assign_add``, not 20 (see
+PITFALLS.md, "Tracking cost"). Keras metric objects (accuracy, ...) keep their own state. An epoch's value is the
+mean over its batches weighted by batch size, which is Keras' convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+__all__ = ["Tracker"]
+
+
+def _sum_variable(shape: tuple[int, ...], name: str) -> tf.Variable:
+    # ON_READ + SUM: each replica accumulates its own share; a read sums them (as Keras metric variables do).
+    return tf.Variable(
+        tf.zeros(shape, tf.float32),
+        trainable=False,
+        name=name,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.SUM,
+    )
+
+
+class Tracker:
+    """The logged values of one mode (training or evaluation).
+
+    Args:
+        mean_keys: keys tracked as batch-weighted means, in logging order (``loss`` first).
+        metrics: Keras metric objects keyed ``output/name``.
+    """
+
+    def __init__(self, mean_keys: list[str], metrics: Mapping[str, keras.metrics.Metric]) -> None:
+        self.mean_keys = list(mean_keys)
+        self.metrics = dict(metrics)
+        self._sums = _sum_variable((len(self.mean_keys),), "tracker_sums")
+        self._count = _sum_variable((), "tracker_count")
+
+    @property
+    def keys(self) -> list[str]:
+        return self.mean_keys + list(self.metrics)
+
+    def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor) -> None:
+        """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples."""
+        stacked = tf.stack([tf.cast(values[k], tf.float32) for k in self.mean_keys])
+        self._sums.assign_add(stacked * batch_size)
+        self._count.assign_add(batch_size)
+
+    def reset(self) -> None:
+        """Start a new epoch (or evaluation)."""
+        self._sums.assign(tf.zeros_like(self._sums))
+        self._count.assign(0.0)
+        for metric in self.metrics.values():
+            metric.reset_state()
+
+    def result(self) -> dict[str, tf.Tensor]:
+        """Current means (as tensors; the caller converts them once per block)."""
+        means = tf.math.divide_no_nan(tf.convert_to_tensor(self._sums), tf.convert_to_tensor(self._count))
+        out = {key: means[i] for i, key in enumerate(self.mean_keys)}
+        for key, metric in self.metrics.items():
+            out[key] = tf.cast(metric.result(), tf.float32)
+        return out
+
+    def variables(self) -> list[tf.Variable]:
+        """Every state variable (for checkpoints)."""
+        found = [self._sums, self._count]
+        for metric in self.metrics.values():
+            found.extend(metric.variables)
+        return found

@@ -1,0 +1,396 @@
+"""The Trainer facade: validates options, wires objective, metrics, trackers and compiled steps, runs the outer loops.
+
+The outer (Python) loop does what happens between compiled blocks: read the trackers once per block, run callbacks,
+stop. The inner loop lives in ``trainer/step.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.callbacks import CallbackList, History, callback_model
+from trainer.data import Data
+from trainer.errors import DataError, NonFiniteLossError, names
+from trainer.metrics import MetricSpec
+from trainer.objective import Objective
+from trainer.step import BlockResult, Steps
+from trainer.structure import as_output_dict, output_hint
+from trainer.tracking import Tracker
+from trainer.writers import ProgressWriter, WriterCallback
+
+__all__ = ["Trainer"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            return keras.optimizers.get(optimizer)
+        except ValueError:
+            known = sorted(n.lower() for n in dir(keras.optimizers) if n[:1].isupper() and n != "Optimizer")
+            raise ValueError(f"Unknown optimizer {optimizer!r}; known names: {', '.join(known)}.") from None
+    raise TypeError(f"`optimizer` must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
+
+
+def _accepts_training(model: Any) -> bool:
+    if isinstance(model, keras.layers.Layer):
+        return True
+    try:
+        params = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "training" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _host(result: BlockResult) -> tuple[int, bool, np.ndarray, np.ndarray, dict[str, float]]:
+    """The one host sync per compiled block: everything the outer loop needs, read together."""
+    ran, more, finite, values, logs = result
+    return int(ran), bool(more), finite.numpy(), values.numpy(), {k: float(v) for k, v in logs.items()}
+
+
+class Trainer:
+    """Trains a model whose losses see every output and every target, logging every named loss component.
+
+    Args:
+        model: a ``keras.Model``, ``tf.Module`` or callable ``inputs -> outputs``. A dict is used as is; a
+            list/tuple is keyed by ``model.output_names``; a single tensor is keyed ``"output"``.
+        optimizer: a Keras optimizer or its name. Pass ``clipnorm``/``global_clipnorm``/``weight_decay`` there.
+        loss: one loss callable ``loss(outputs, targets) -> scalar | {name: scalar}``, or a dict ``{name: loss}``;
+            in the dict a ``str`` or ``keras.losses.Loss`` is a Keras per-output loss on the output of that name.
+        loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights`` property).
+        metrics: ``{output: [str | keras.metrics.Metric]}`` and/or ``{name: callable(outputs, targets)}``.
+        steps_per_execution: training steps per compiled call (an in-graph loop).
+        jit_compile: compile the step with XLA (slower on CPU; see PITFALLS.md).
+        strategy: a ``tf.distribute.Strategy``; None is the default strategy. Create the model in its scope.
+        run_eagerly: run the step eagerly, for debugging with print/pdb.
+        seed: base seed for shuffling numpy input (default: drawn from NumPy's global generator).
+
+    Raises:
+        ValueError, TypeError: an option is invalid; the message quotes it.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        optimizer: str | keras.optimizers.Optimizer = "adam",
+        loss: Any = None,
+        loss_weights: Mapping[str, float] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        steps_per_execution: int = 1,
+        jit_compile: bool = False,
+        strategy: tf.distribute.Strategy | None = None,
+        run_eagerly: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"`model` must be callable (a keras.Model, tf.Module or function), got {model!r}.")
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {strategy!r}.")
+        for flag, value in (("jit_compile", jit_compile), ("run_eagerly", run_eagerly)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
+        if jit_compile and run_eagerly:
+            raise ValueError("`jit_compile=True` and `run_eagerly=True` exclude each other; choose one.")
+        self.model = model
+        self.steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
+        self.jit_compile = jit_compile
+        self.run_eagerly = run_eagerly
+        self.strategy = strategy or tf.distribute.get_strategy()
+        with self.strategy.scope():
+            self.optimizer = _make_optimizer(optimizer)
+        self._objective = Objective(loss, loss_weights)
+        self._metrics = MetricSpec(metrics)
+        self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
+        self._training_arg = _accepts_training(model)
+        self._hint = output_hint(model)
+        self._trackers: dict[str, Tracker] = {}
+        self._steps: Steps | None = None
+        self._predict_step: Any = None
+        self._predict_traces = 0
+        self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
+        self.global_step = 0  # training steps applied so far
+
+    # -- public state ---------------------------------------------------------------------------------------------
+
+    @property
+    def loss_weights(self) -> dict[str, tf.Variable]:
+        """The weight variables by key (every loss name and component key); ``assign`` one to change it.
+
+        They exist once the Trainer has seen the first batch (the first ``fit``/``evaluate``). Changing one between
+        steps, e.g. from a callback, takes effect at the next step without retracing.
+        """
+        return dict(self._objective.weights)
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """How often each compiled function was traced (``train``, ``eval``, ``predict``)."""
+        counts = dict(self._steps.traces) if self._steps else {}
+        if self._predict_step is not None:
+            counts["predict"] = self._predict_traces
+        return counts
+
+    # -- building -------------------------------------------------------------------------------------------------
+
+    def _forward(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
+        value = self.model(inputs, training=training) if self._training_arg else self.model(inputs)
+        return as_output_dict(value, getattr(self.model, "output_names", None))
+
+    def _regularization(self) -> tf.Tensor | None:
+        if not self._objective.has_regularization:
+            return None
+        return tf.add_n([tf.cast(loss, tf.float32) for loss in self.model.losses])
+
+    def _build(self, batch: Any) -> None:
+        """Learn the structure from the first batch (outputs, components, metrics), before any update.
+
+        Runs the model and every loss once, eagerly and with ``training=False`` (no state changes), so a missing
+        key, a shape mismatch or a bad loss return fails here with a clear message.
+        """
+        if self._steps is not None:
+            return
+        inputs, targets = batch
+        with self.strategy.scope():
+            outputs = self._forward(inputs, training=False)
+            self._objective.bind_outputs(list(outputs))
+            has_regularization = bool(getattr(self.model, "losses", None))
+            regularization = tf.add_n(self.model.losses) if has_regularization else None
+            parts = self._objective.components(outputs, targets, regularization, self._hint)
+            self._objective.build(list(parts), has_regularization=has_regularization)
+            metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+            mean_keys = self._objective.logged_keys() + list(metric_values)
+            per_mode = {mode: self._metrics.build(outputs, targets, self._hint) for mode in ("train", "eval")}
+            clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
+            if clash or len(set(mean_keys)) != len(mean_keys):
+                raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
+            self._trackers = {mode: Tracker(mean_keys, per_mode[mode]) for mode in per_mode}
+            variables = getattr(self.model, "trainable_variables", None)
+            if variables is None:
+                raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
+            known = {id(v) for v in variables}
+            variables = list(variables) + [v for v in self._objective.trainable_variables() if id(v) not in known]
+            self.optimizer.build(variables)
+            self._steps = Steps(
+                forward=self._forward,
+                regularization=self._regularization,
+                objective=self._objective,
+                metrics=self._metrics,
+                trackers=self._trackers,
+                optimizer=self.optimizer,
+                variables=variables,
+                strategy=self.strategy,
+                jit_compile=self.jit_compile,
+                run_eagerly=self.run_eagerly,
+                output_hint=self._hint,
+            )
+
+    def _distribute(self, dataset: tf.data.Dataset) -> Any:
+        return iter(self.strategy.experimental_distribute_dataset(dataset))
+
+    # -- fit ------------------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train: Any,
+        *,
+        epochs: int = 1,
+        validation_data: Any = None,
+        steps_per_epoch: int | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        progress: bool = True,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+    ) -> History:
+        """Train for ``epochs`` epochs; return a ``History`` whose ``history`` is ``{key: [value per epoch]}``.
+
+        Args:
+            train: a ``tf.data.Dataset`` of ``(inputs, {name: target})`` batches, or numpy ``(x, {name: array})``.
+            epochs: number of epochs.
+            validation_data: the same forms; evaluated after every epoch, logged with the prefix ``val_``.
+            steps_per_epoch: steps per epoch; with it, one iterator runs on across epochs (restarting at the end of
+                finite data). Required for an infinite dataset.
+            callbacks: Keras callbacks (EarlyStopping, LearningRateScheduler, ...) and ``WriterCallback``s.
+            progress: show a progress bar per epoch.
+            batch_size: batch size of numpy input (default 32).
+            shuffle: reshuffle numpy input each epoch.
+
+        Raises:
+            DataError: empty data, wrong structure, arrays of different lengths.
+            MissingKeyError: a loss or metric reads an output or target that does not exist.
+            ShapeMismatchError: an output and its target cannot be compared.
+            NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
+        """
+        epochs = _positive_int("epochs", epochs)
+        if steps_per_epoch is not None:
+            steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+        data = Data(train, what="training data", batch_size=batch_size, shuffle=shuffle, seed=self._seed)
+        if data.infinite and steps_per_epoch is None:
+            raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
+        val = None if validation_data is None else Data(validation_data, what="validation data", batch_size=batch_size)
+        self._build(data.first_batch())
+        if val is not None:
+            self._check_structure(val)
+        history = History()
+        writers = [WriterCallback(ProgressWriter())] if progress else []
+        target = self._stop = callback_model(self.model, self.optimizer)
+        steps = steps_per_epoch or data.steps
+        cbs = CallbackList([*callbacks, history, *writers], model=target, params={"epochs": epochs, "steps": steps})
+        logs: dict[str, float] = {}
+        run = _EpochRunner(self, data, steps_per_epoch)
+        try:
+            cbs.on_train_begin(None)
+            for epoch in range(epochs):
+                self._trackers["train"].reset()
+                cbs.on_epoch_begin(epoch, None)
+                logs = run.epoch(epoch, cbs)
+                if val is not None:
+                    logs.update({f"val_{k}": v for k, v in self._evaluate(val, cbs).items()})
+                cbs.on_epoch_end(epoch, logs)
+                if target.stop_training:
+                    break
+            cbs.on_train_end(logs)
+        finally:
+            cbs.teardown()
+        return history
+
+    def _check_structure(self, data: Data) -> None:
+        """Run the objective once on another source's first batch: its targets must carry what the losses read."""
+        inputs, targets = data.first_batch()
+        outputs = self._forward(inputs, training=False)
+        self._objective.components(outputs, targets, self._regularization(), self._hint)
+        self._metrics.build(outputs, targets, self._hint)
+        self._metrics.callable_values(outputs, targets, self._hint)
+
+    def _run_blocks(self, mode: str, iterator: Any, budget: int | None, on_block) -> tuple[int, bool]:
+        """Run compiled blocks until ``budget`` steps ran or the data ended; returns (steps run, data ended)."""
+        steps = self._steps
+        block = steps.train_block if mode == "train" else steps.eval_block
+        done = 0
+        while budget is None or done < budget:
+            n = self.steps_per_execution if budget is None else min(self.steps_per_execution, budget - done)
+            on_block("begin", done, None)
+            ran, more, finite, values, logs = _host(block(iterator, tf.constant(n, tf.int32)))
+            if mode == "train":
+                self.global_step += ran
+            if not finite.all():
+                bad = [k for k, ok in zip(steps.loss_keys, finite) if not ok]
+                raise NonFiniteLossError(bad, self.global_step + 1, dict(zip(steps.loss_keys, values.tolist())))
+            done += ran
+            if ran:
+                on_block("end", done - 1, logs)
+            if not more:
+                return done, True
+            if mode == "train" and self._stop.stop_training:
+                break
+        return done, False
+
+    # -- evaluate and predict -------------------------------------------------------------------------------------
+
+    def _evaluate(self, data: Data, cbs: CallbackList) -> dict[str, float]:
+        tracker = self._trackers["eval"]
+        tracker.reset()
+        cbs.on_test_begin(None)
+
+        def on_block(event: str, index: int, logs: dict[str, float] | None) -> None:
+            getattr(cbs, f"on_test_batch_{event}")(index, logs)
+
+        self._run_blocks("eval", self._distribute(data.dataset()), data.steps, on_block)
+        logs = {k: float(v) for k, v in tracker.result().items()}
+        cbs.on_test_end(logs)
+        return logs
+
+    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
+        """Loss components and metrics over ``data`` (same forms as ``fit``): ``{key: float}``, batch-weighted means."""
+        source = Data(data, what="evaluation data", batch_size=batch_size)
+        self._build(source.first_batch())
+        self._check_structure(source)
+        return self._evaluate(source, CallbackList([], model=None, params={}))
+
+    def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Outputs for every example, ``{output name: array}``, batches concatenated in order.
+
+        ``data`` is numpy input ``x`` (an array or a dict of arrays) or a dataset of inputs (or of
+        ``(inputs, targets)``, whose targets are ignored).
+        """
+        source = Data(data, what="prediction data", batch_size=batch_size, with_targets=False)
+        if self._predict_step is None:
+
+            def predict_step(iterator: Any) -> dict[str, tf.Tensor]:
+                self._predict_traces += 1  # runs only while tracing
+                return self.strategy.run(lambda x: self._forward(x, False), args=(next(iterator),))
+
+            # Traced on the iterator's spec (batch dimension None): one trace, partial last batch included.
+            self._predict_step = predict_step if self.run_eagerly else tf.function(predict_step)
+        chunks: dict[str, list[np.ndarray]] = {}
+        iterator = iter(self.strategy.experimental_distribute_dataset(source.dataset()))
+        while True:
+            try:
+                outputs = self._predict_step(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
+            for name, value in outputs.items():
+                chunks.setdefault(name, []).extend(
+                    np.asarray(p) for p in self.strategy.experimental_local_results(value)
+                )
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+class _EpochRunner:
+    """Training epochs over one data source: a fresh pass per epoch, or (with steps_per_epoch) one running on."""
+
+    def __init__(self, trainer: Trainer, data: Data, steps_per_epoch: int | None) -> None:
+        self.trainer = trainer
+        self.data = data
+        self.steps_per_epoch = steps_per_epoch
+        self.iterator: Any = None
+
+    def epoch(self, epoch: int, cbs: CallbackList) -> dict[str, float]:
+        trainer = self.trainer
+        logs: dict[str, float] = {}
+
+        def on_block(event: str, index: int, block_logs: dict[str, float] | None) -> None:
+            if event == "end":
+                logs.clear()
+                logs.update(block_logs)
+            getattr(cbs, f"on_train_batch_{event}")(index, block_logs)
+
+        if self.steps_per_epoch is None:
+            done, _ = trainer._run_blocks(
+                "train", trainer._distribute(self.data.dataset(epoch)), self.data.steps, on_block
+            )
+            if done == 0:
+                raise DataError("training data is empty: the first epoch ran no step.")
+            return logs
+        done = 0
+        while done < self.steps_per_epoch:
+            fresh = self.iterator is None
+            if fresh:
+                self.iterator = trainer._distribute(self.data.dataset(epoch))
+            ran, ended = trainer._run_blocks(
+                "train", self.iterator, self.steps_per_epoch - done, _offset(on_block, done)
+            )
+            done += ran
+            if ended:
+                self.iterator = None  # finite data: the next block starts a new pass
+                if ran == 0 and fresh:
+                    raise DataError("training data is empty: a pass over it yielded no batch.")
+            if trainer._stop.stop_training:
+                break
+        return logs
+
+
+def _offset(on_block, offset: int):
+    return lambda event, index, logs: on_block(event, index + offset, logs)

@@ -1,0 +1,207 @@
+"""Writers: where logged values go — progress bar, CSV, TensorBoard — behind one small protocol, composed.
+
+A :class:`Writer` gets three calls: ``begin_epoch``, ``write_scalars(step, values)`` after each compiled block
+(running epoch means at a global step), and ``write_epoch(epoch, values)`` once per epoch (training and ``val_``
+values). :class:`WriterCallback` plugs any writers into ``Trainer.fit(callbacks=[...])``, so a notebook gets the
+same files as the command line. Cadence decisions go through :class:`Every`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+import keras
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+__all__ = ["CSVWriter", "Every", "MultiWriter", "ProgressWriter", "TensorBoardWriter", "Writer", "WriterCallback"]
+
+
+def format_scalars(scalars: Mapping[str, float]) -> str:
+    return " - ".join(f"{key}: {value:.4g}" for key, value in scalars.items())
+
+
+class Every:
+    """Cadence: due when a multiple of ``n`` steps lies in ``(previous, step]`` (blocks may jump several steps)."""
+
+    def __init__(self, n: int | None) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"a period must be a positive int of steps or None, got {n!r}.")
+        self.n = n
+
+    def due(self, previous: int, step: int) -> bool:
+        return self.n is not None and step // self.n > previous // self.n
+
+
+class Writer:
+    """The writer protocol; every method is optional (the defaults do nothing)."""
+
+    def begin_epoch(self, epoch: int, epochs: int, steps: int | None) -> None:
+        """An epoch (0-based) of ``epochs`` starts; ``steps`` is its length if known."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Running epoch means after global step ``step`` (1-based)."""
+
+    def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        """The epoch's final values, validation included."""
+
+    def close(self) -> None:
+        """Flush and release; called exactly once, also when training failed."""
+
+
+class MultiWriter(Writer):
+    """Several writers as one."""
+
+    def __init__(self, writers: Sequence[Writer]) -> None:
+        self.writers = list(writers)
+
+    def begin_epoch(self, epoch: int, epochs: int, steps: int | None) -> None:
+        for writer in self.writers:
+            writer.begin_epoch(epoch, epochs, steps)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for writer in self.writers:
+            writer.write_scalars(step, scalars)
+
+    def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        for writer in self.writers:
+            writer.write_epoch(epoch, scalars)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+class ProgressWriter(Writer):
+    """A tqdm bar per epoch showing every key; one plain line per epoch when the stream is not a terminal.
+
+    Args:
+        stream: where to write (default stderr).
+        bar: force the bar on or off; None decides by whether ``stream`` is a terminal.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, *, bar: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interactive = is_terminal if bar is None else bar
+        self._bar: Any = None
+        self._epoch_label = ""
+        self._start = 0.0
+        self._steps_done = 0
+        self._epoch_start_step = 0
+
+    def begin_epoch(self, epoch: int, epochs: int, steps: int | None) -> None:
+        self._epoch_label = f"Epoch {epoch + 1}/{epochs}"
+        self._start = time.perf_counter()
+        self._epoch_start_step = self._steps_done
+        if self.interactive:
+            self._bar = tqdm(total=steps, desc=self._epoch_label, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._steps_done)
+            self._bar.set_postfix_str(format_scalars(scalars), refresh=False)
+        self._steps_done = step
+
+    def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(format_scalars(scalars))
+            self._bar.close()
+            self._bar = None
+            return
+        seconds = time.perf_counter() - self._start
+        steps = self._steps_done - self._epoch_start_step
+        print(f"{self._epoch_label} - {steps} steps - {seconds:.1f}s - {format_scalars(scalars)}", file=self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class CSVWriter(Writer):
+    """``history.csv``: a row per epoch, a column per key (the header is fixed by the first epoch)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._keys: list[str] = []
+
+    def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "w", newline="")  # noqa: SIM115 (closed in close())
+            self._keys = list(scalars)
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(["epoch", *self._keys])
+        self._writer.writerow([epoch, *(repr(float(scalars[k])) if k in scalars else "" for k in self._keys)])
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardWriter(Writer):
+    """TensorBoard scalars: ``epoch/<key>`` once per epoch, ``step/<key>`` every ``every_n_steps`` steps."""
+
+    def __init__(self, logdir: str | os.PathLike, every_n_steps: int | None = None) -> None:
+        self.logdir = os.fspath(logdir)
+        self.every = Every(every_n_steps)
+        self._writer: Any = None
+        self._last_step = 0
+
+    def _summary_writer(self) -> Any:
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.logdir)
+        return self._writer
+
+    def _write(self, prefix: str, step: int, scalars: Mapping[str, float]) -> None:
+        with self._summary_writer().as_default(step=step):
+            for key, value in scalars.items():
+                tf.summary.scalar(f"{prefix}/{key}", value)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self.every.due(self._last_step, step):
+            self._write("step", step, scalars)
+        self._last_step = step
+
+    def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
+        self._write("epoch", epoch, scalars)
+        self._summary_writer().flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class WriterCallback(keras.callbacks.Callback):
+    """Feeds ``fit``'s logs to writers: ``fit(..., callbacks=[WriterCallback(CSVWriter("h.csv"))])``."""
+
+    def __init__(self, *writers: Writer) -> None:
+        super().__init__()
+        self.writer = writers[0] if len(writers) == 1 else MultiWriter(writers)
+        self._epoch_offset = 0  # global steps before this epoch
+        self._step = 0
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self._epoch_offset = self._step
+        self.writer.begin_epoch(epoch, self.params.get("epochs", epoch + 1), self.params.get("steps"))
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        self._step = self._epoch_offset + batch + 1
+        self.writer.write_scalars(self._step, logs or {})
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.writer.write_epoch(epoch, logs or {})
+
+    def teardown(self) -> None:
+        self.writer.close()  # writers' close() is idempotent
