@@ -157,3 +157,18 @@ def test_components_key_rules():
     assert list(components("det", one)) == ["det"]
     assert list(components("det", {"loc": one})) == ["det/loc"]
     assert components("x", 2.5)["x"].dtype == tf.float32
+
+
+def test_dict_entries_keras_function_and_exec_defined_function():
+    """A Keras loss *function* is per-output; a function made by exec (``__module__`` None) is a protocol loss."""
+    namespace = {"tf": tf}
+    exec("def mean_output(outputs, targets):\n    return tf.reduce_mean(outputs['output'])", namespace)
+    inp = keras.layers.Input((2,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    x = np.random.default_rng(6).normal(size=(12, 2)).astype("float32")
+    y = np.random.default_rng(7).normal(size=(12, 1)).astype("float32")
+    trainer = Trainer(model, loss={"output": keras.losses.mean_squared_error, "mean": namespace["mean_output"]})
+    logs = trainer.evaluate((x, {"output": y}), batch_size=5)
+    p = model.predict(x, verbose=0).astype("float64")
+    assert logs["output"] == pytest.approx(np.mean((p - y) ** 2), rel=1e-5)
+    assert logs["mean"] == pytest.approx(np.mean(p), rel=1e-5, abs=1e-6)

@@ -27,6 +27,12 @@ def _is_keras_loss(value: object) -> bool:
     return isinstance(value, (str, keras.losses.Loss))
 
 
+def _is_keras_function(fn: object) -> bool:
+    """A Keras loss function such as ``keras.losses.mean_squared_error``: per-output, (y_true, y_pred)."""
+    module = getattr(fn, "__module__", None) or ""  # None for functions made by exec (notebooks, some REPLs)
+    return callable(fn) and not isinstance(fn, type) and module.split(".")[0] == "keras"
+
+
 def _describe(name: str | None) -> str:
     return "the loss" if name is None else f"loss {name!r}"
 
@@ -54,7 +60,7 @@ class Objective:
                     raise ValueError(f"Loss names must be non-empty str without '/'; got {name!r}.")
                 if name in (TOTAL, REGULARIZATION):
                     raise ValueError(f"{name!r} is a reserved key (the weighted total / model.losses); rename it.")
-                if _is_keras_loss(fn) or (callable(fn) and getattr(fn, "__module__", "").startswith("keras")):
+                if _is_keras_loss(fn) or _is_keras_function(fn):
                     self._entries[name] = per_output(fn, output=name)
                 elif callable(fn):
                     self._entries[name] = fn

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from trainer.callbacks import CallbackList, History, callback_model
 from trainer.data import Data
+from trainer.epochs import EpochRunner
 from trainer.errors import DataError, NonFiniteLossError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
@@ -258,7 +259,7 @@ class Trainer:
         steps = steps_per_epoch or data.steps
         cbs = CallbackList([*callbacks, history, *writers], model=target, params={"epochs": epochs, "steps": steps})
         logs: dict[str, float] = {}
-        run = _EpochRunner(self, data, steps_per_epoch)
+        run = EpochRunner(self, data, steps_per_epoch)
         try:
             cbs.on_train_begin(None)
             for epoch in range(epochs):
@@ -360,51 +361,3 @@ class Trainer:
                     np.asarray(p) for p in self.strategy.experimental_local_results(value)
                 )
         return {name: np.concatenate(parts) for name, parts in chunks.items()}
-
-
-class _EpochRunner:
-    """Training epochs over one data source: a fresh pass per epoch, or (with steps_per_epoch) one running on."""
-
-    def __init__(self, trainer: Trainer, data: Data, steps_per_epoch: int | None) -> None:
-        self.trainer = trainer
-        self.data = data
-        self.steps_per_epoch = steps_per_epoch
-        self.iterator: Any = None
-
-    def epoch(self, epoch: int, cbs: CallbackList) -> dict[str, float]:
-        trainer = self.trainer
-        logs: dict[str, float] = {}
-
-        def on_block(event: str, index: int, block_logs: dict[str, float] | None) -> None:
-            if event == "end":
-                logs.clear()
-                logs.update(block_logs)
-            getattr(cbs, f"on_train_batch_{event}")(index, block_logs)
-
-        if self.steps_per_epoch is None:
-            done, _ = trainer._run_blocks(
-                "train", trainer._distribute(self.data.dataset(epoch)), self.data.steps, on_block, known_length=True
-            )
-            if done == 0:
-                raise DataError("training data is empty: the first epoch ran no step.")
-            return logs
-        done = 0
-        while done < self.steps_per_epoch:
-            fresh = self.iterator is None
-            if fresh:
-                self.iterator = trainer._distribute(self.data.dataset(epoch))
-            ran, ended = trainer._run_blocks(
-                "train", self.iterator, self.steps_per_epoch - done, _offset(on_block, done)
-            )
-            done += ran
-            if ended:
-                self.iterator = None  # finite data: the next block starts a new pass
-                if ran == 0 and fresh:
-                    raise DataError("training data is empty: a pass over it yielded no batch.")
-            if trainer._stop.stop_training:
-                break
-        return logs
-
-
-def _offset(on_block, offset: int):
-    return lambda event, index, logs: on_block(event, index + offset, logs)

@@ -1,0 +1,58 @@
+"""The README's examples run as written."""
+
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import Trainer
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _function(name: str):
+    """Execute the README's definition of function ``name`` and return it."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if f"def {name}(" in b)
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"def {name}("))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    namespace = {"keras": keras, "tf": tf}
+    exec("\n".join(lines[start:end]), namespace)
+    return namespace[name]
+
+
+def test_readme_multibox_example_trains_with_the_documented_keys():
+    multibox = _function("multibox")
+    anchors, classes = 6, 3
+    inp = keras.layers.Input((8,))
+    boxes = keras.layers.Reshape((anchors, 4), name="boxes")(keras.layers.Dense(anchors * 4)(inp))
+    logits = keras.layers.Reshape((anchors, classes), name="classes")(keras.layers.Dense(anchors * classes)(inp))
+    aux = keras.layers.Dense(1, name="aux")(inp)
+    model = keras.Model(inp, {"boxes": boxes, "classes": logits, "aux": aux})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8)).astype("float32")
+    y = {
+        "boxes": rng.normal(size=(20, anchors, 4)).astype("float32"),
+        "classes": rng.integers(0, classes, (20, anchors)),
+        "aux": rng.normal(size=(20, 1)).astype("float32"),
+    }
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    trainer = Trainer(model, optimizer="adam", loss={"det": multibox, "aux": "mse"}, loss_weights={"det/loc": 2.0})
+    history = trainer.fit(train_ds, epochs=2, validation_data=train_ds, progress=False)
+    assert list(history.history) == [
+        "loss", "det/loc", "det/conf", "aux", "val_loss", "val_det/loc", "val_det/conf", "val_aux"
+    ]  # fmt: skip
+    h = history.history
+    np.testing.assert_allclose(h["val_loss"], 2 * np.array(h["val_det/loc"]) + h["val_det/conf"] + h["val_aux"], 1e-5)
+
+
+def test_readme_seed002_example_logs_both_parts():
+    bce_mse = _function("bce_mse")
+    inp = keras.layers.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(inp))
+    x = np.random.default_rng(1).normal(size=(16, 3)).astype("float32")
+    y = {"output": (x[:, :1] > 0).astype("float32")}
+    trainer = Trainer(model, loss=bce_mse, loss_weights={"bce": 0.5, "mse": 0.5})
+    assert set(trainer.fit((x, y), batch_size=8, progress=False).history) == {"loss", "bce", "mse"}
