@@ -1,14 +1,30 @@
 """tapeloop losses: the loss protocol and loss callables. Depends on TensorFlow/Keras only, never on ``trainer``."""
 
-from losses.adapters import PerOutputLoss, ShapeMismatchError, per_output
+from losses import boxes
+from losses.adapters import FunctionLoss, PerOutputLoss, ShapeMismatchError, per_output
+from losses.distributed import global_sum
+from losses.evaluation import average_precision, mean_average_precision
+from losses.focal import SparseFocalLoss, sparse_focal_loss
+from losses.multibox import MultiBoxLoss, smooth_l1
 from losses.protocol import LossFn, LossProtocolError, LossValue, components
+from losses.weighting import UncertaintyWeighting
 
 __all__ = [
+    "FunctionLoss",
     "LossFn",
     "LossProtocolError",
     "LossValue",
+    "MultiBoxLoss",
     "PerOutputLoss",
     "ShapeMismatchError",
+    "SparseFocalLoss",
+    "UncertaintyWeighting",
+    "average_precision",
+    "boxes",
     "components",
+    "global_sum",
+    "mean_average_precision",
     "per_output",
+    "smooth_l1",
+    "sparse_focal_loss",
 ]

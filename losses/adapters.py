@@ -154,8 +154,8 @@ class PerOutputLoss:
             )
 
     def __call__(self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        y_pred = outputs[self.output]
-        y_true = targets[self.target]
+        y_pred = tf.convert_to_tensor(outputs[self.output])
+        y_true = tf.convert_to_tensor(targets[self.target])
         loss = self._resolve(y_true, y_pred)
         self._check_shapes(loss, y_true, y_pred)
         weight = None if self.sample_weight is None else targets[self.sample_weight]

@@ -17,7 +17,7 @@ from types import ModuleType
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DEFAULT_TASK = "multitask"
+DEFAULT_TASK = "detection"
 
 
 def builtin_tasks() -> list[str]:
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"a built-in task ({', '.join(builtin_tasks())}; default {DEFAULT_TASK}) or a path to a task file",
     )
     parser.add_argument("--epochs", type=positive_int, help="number of epochs (default: the task's own)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch size (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and shuffling (default 0)")
     parser.add_argument(
         "--steps-per-execution", type=positive_int, default=16, help="training steps per compiled call (default 16)"

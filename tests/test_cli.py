@@ -45,7 +45,7 @@ def test_user_task_file_trains_and_reports_extra_metrics(tmp_path, capsys):
 
 
 def test_unknown_task_lists_the_builtins():
-    with pytest.raises(SystemExit, match="unknown task 'nosuch': not a built-in task \\(multitask\\)"):
+    with pytest.raises(SystemExit, match="unknown task 'nosuch': not a built-in task \\(detection, multitask\\)"):
         _train_module().main(["--task", "nosuch"])
 
 
@@ -58,7 +58,7 @@ def test_invalid_flag_values_are_rejected(capsys):
 def test_readme_main_command_runs_the_default_task():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, "scripts/train.py", "--epochs", "2", "--no-progress"],
+        [sys.executable, "scripts/train.py", "--epochs", "1", "--no-progress"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -66,6 +66,13 @@ def test_readme_main_command_runs_the_default_task():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Final results (validation), task multitask" in done.stdout
-    for key in ("regression", "classification", "classification_output/accuracy"):
+    assert "Final results (validation), task detection" in done.stdout
+    assert "Epoch 1/1 - 128 steps" in done.stdout
+    for key in ("loc", "conf", "mAP@0.5", "mAP@0.75"):
         assert f"  {key} " in done.stdout
+
+
+def test_multitask_builtin_runs(capsys):
+    results = _train_module().main(["--task", "multitask", "--epochs", "1", "--no-progress"])
+    assert {"regression", "classification", "classification_output/accuracy"} <= set(results)
+    assert "Epoch 1/1 - 512 steps" in capsys.readouterr().out

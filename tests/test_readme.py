@@ -1,12 +1,15 @@
 """The README's examples run as written."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
+import losses
 from trainer import Trainer
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -14,11 +17,12 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 def _function(name: str):
     """Execute the README's definition of function ``name`` and return it."""
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if f"def {name}(" in b)
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README, re.S)]
+    block = next(b for b in blocks if f"def {name}(" in b)
     lines = block.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"def {name}("))
     end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
-    namespace = {"keras": keras, "tf": tf}
+    namespace = {"keras": keras, "tf": tf, "losses": losses}
     exec("\n".join(lines[start:end]), namespace)
     return namespace[name]
 
@@ -56,3 +60,12 @@ def test_readme_seed002_example_logs_both_parts():
     y = {"output": (x[:, :1] > 0).astype("float32")}
     trainer = Trainer(model, loss=bce_mse, loss_weights={"bce": 0.5, "mse": 0.5})
     assert set(trainer.fit((x, y), batch_size=8, progress=False).history) == {"loss", "bce", "mse"}
+
+
+def test_readme_global_sum_example_matches_numpy():
+    masked_mse = _function("masked_mse")
+    rng = np.random.default_rng(2)
+    pred, depth = rng.normal(size=(2, 5, 5)), rng.normal(size=(2, 5, 5))
+    mask = (rng.random((2, 5, 5)) > 0.5).astype("float64")
+    value = masked_mse({"depth": tf.constant(pred)}, {"depth": tf.constant(depth), "mask": tf.constant(mask)})
+    assert float(value) == pytest.approx((mask * (pred - depth) ** 2).sum() / mask.sum())

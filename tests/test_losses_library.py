@@ -1,0 +1,146 @@
+"""losses/: MultiBox, focal, uncertainty weighting — each against a NumPy reference written independently."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from losses import MultiBoxLoss, SparseFocalLoss, UncertaintyWeighting, per_output, sparse_focal_loss
+from trainer import Trainer
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def numpy_multibox(box_pred, logits, box_true, labels, ratio=3.0):
+    """Per image, with Python loops: smooth-L1 on positives; CE on positives plus the k hardest negatives."""
+    log_p = _log_softmax(logits.astype(np.float64))
+    total_pos = max(int((labels > 0).sum()), 1)
+    loc = conf = 0.0
+    for i in range(len(labels)):
+        pos = labels[i] > 0
+        neg = labels[i] == 0
+        d = np.abs(box_pred[i] - box_true[i])
+        loc += np.where(d < 1, 0.5 * d**2, d - 0.5).sum(-1)[pos].sum()
+        conf += -log_p[i][pos, labels[i][pos]].sum()
+        k = int(min(np.floor(ratio * pos.sum()), neg.sum()))
+        background = -log_p[i][:, 0]
+        hardest = np.sort(background[neg])[::-1][:k]
+        conf += hardest.sum()
+    return loc / total_pos, conf / total_pos
+
+
+def _case(seed, batch=4, anchors=30, classes=4):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice([-1, 0, 0, 0, 0, 0, 1, 2, 3], size=(batch, anchors)).astype(np.int32)
+    labels[0] = np.where(labels[0] > 0, 0, labels[0])  # an image with no objects (and some ignored anchors)
+    return (
+        rng.normal(size=(batch, anchors, 4)).astype(np.float32) * 2,
+        rng.normal(size=(batch, anchors, classes)).astype(np.float32) * 3,
+        rng.normal(size=(batch, anchors, 4)).astype(np.float32),
+        labels,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ratio", [3.0, 0.5])
+def test_multibox_matches_numpy_eager_graph_and_xla(seed, ratio):
+    box_pred, logits, box_true, labels = _case(seed)
+    loss = MultiBoxLoss(neg_pos_ratio=ratio)
+    expected = numpy_multibox(box_pred, logits, box_true, labels, ratio)
+    outputs = {"boxes": tf.constant(box_pred), "classes": tf.constant(logits)}
+    targets = {"boxes": tf.constant(box_true), "classes": tf.constant(labels)}
+    for run in (loss, tf.function(loss), tf.function(loss, jit_compile=True)):
+        got = run(outputs, targets)
+        assert got["loc"].numpy() == pytest.approx(expected[0], rel=1e-4)
+        assert got["conf"].numpy() == pytest.approx(expected[1], rel=1e-4)
+
+
+def test_multibox_with_no_positive_in_the_batch_is_zero_and_gradients_are_finite():
+    box_pred, logits, box_true, labels = _case(3)
+    labels = np.where(labels > 0, 0, labels)
+    variables = [tf.Variable(box_pred), tf.Variable(logits)]
+    with tf.GradientTape() as tape:
+        got = MultiBoxLoss()({"boxes": variables[0], "classes": variables[1]}, {"boxes": box_true, "classes": labels})
+        total = got["loc"] + got["conf"]
+    assert got["loc"].numpy() == 0.0 and got["conf"].numpy() == 0.0  # no positives: k = 0, nothing counts
+    box_pred, logits, box_true, labels = _case(4)
+    with tf.GradientTape() as tape:
+        outputs = {"boxes": variables[0], "classes": variables[1]}
+        got = MultiBoxLoss()(outputs, {"boxes": box_true, "classes": labels})
+        total = got["loc"] + got["conf"]
+    for grad in tape.gradient(total, variables):
+        assert np.isfinite(grad.numpy()).all() and np.abs(grad.numpy()).sum() > 0
+
+
+def test_multibox_key_names_are_configurable_and_missing_keys_are_named():
+    box_pred, logits, box_true, labels = _case(5)
+    loss = MultiBoxLoss(boxes="loc_out", classes="cls_out")
+    got = loss({"loc_out": box_pred, "cls_out": logits}, {"loc_out": box_true, "cls_out": labels})
+    assert got["conf"].numpy() == pytest.approx(numpy_multibox(box_pred, logits, box_true, labels)[1], rel=1e-4)
+
+
+def numpy_focal(labels, logits, gamma, alpha):
+    log_p = _log_softmax(logits.astype(np.float64))
+    log_pt = np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+    weight = 1.0 if alpha is None else np.where(labels > 0, alpha, 1 - alpha)
+    return -weight * (1 - np.exp(log_pt)) ** gamma * log_pt
+
+
+@pytest.mark.parametrize(("gamma", "alpha"), [(2.0, 0.25), (0.0, None), (1.5, None)])
+def test_focal_loss_matches_numpy(gamma, alpha):
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 4, (5, 7))
+    logits = rng.normal(size=(5, 7, 4)).astype(np.float32) * 2
+    got = sparse_focal_loss(labels, logits, gamma=gamma, alpha=alpha).numpy()
+    np.testing.assert_allclose(got, numpy_focal(labels, logits, gamma, alpha), rtol=1e-5)
+    # As a per-output loss: the mean over examples, labels with or without a trailing 1.
+    loss = per_output(SparseFocalLoss(gamma=gamma, alpha=alpha), output="cls")
+    value = loss({"cls": logits[0]}, {"cls": labels[0][:, None]})
+    assert value.numpy() == pytest.approx(numpy_focal(labels[0], logits[0], gamma, alpha).mean(), rel=1e-5)
+
+
+def test_multibox_focal_option_matches_numpy():
+    box_pred, logits, box_true, labels = _case(7)
+    got = MultiBoxLoss(focal_gamma=2.0, focal_alpha=0.25)(
+        {"boxes": box_pred, "classes": logits}, {"boxes": box_true, "classes": labels}
+    )
+    focal = numpy_focal(np.maximum(labels, 0), logits, 2.0, 0.25)
+    expected = (focal * (labels >= 0)).sum() / max((labels > 0).sum(), 1)
+    assert got["conf"].numpy() == pytest.approx(expected, rel=1e-5)
+    assert got["loc"].numpy() == pytest.approx(numpy_multibox(box_pred, logits, box_true, labels)[0], rel=1e-5)
+
+
+def test_uncertainty_weighting_objective_matches_numpy_and_its_variables_train():
+    inp = keras.layers.Input((3,))
+    model = keras.Model(inp, {"a": keras.layers.Dense(1)(inp), "b": keras.layers.Dense(2)(inp)})
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = {"a": rng.normal(size=(16, 1)).astype("float32"), "b": rng.integers(0, 2, 16)}
+    weighting = UncertaintyWeighting(
+        {
+            "reg": per_output("mse", output="a"),
+            "cls": per_output(keras.losses.SparseCategoricalCrossentropy(True), output="b"),
+        },
+        regression={"reg"},
+    )
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss=weighting, metrics={"uw": weighting.observe})
+    assert not weighting.log_variances
+    trainer.evaluate((x, y), batch_size=16)  # the first (eager) call creates one log-variance per component
+    assert set(weighting.log_variances) == {"reg", "cls"}
+    weighting.log_variances["reg"].assign(0.3)
+    weighting.log_variances["cls"].assign(-0.2)
+    logs = trainer.evaluate((x, y), batch_size=16)
+    out = model.predict(x, verbose=0)
+    mse = np.mean((out["a"] - y["a"]) ** 2)
+    ce = -np.mean(_log_softmax(out["b"].astype(np.float64))[np.arange(16), y["b"]])
+    assert logs["uw/reg"] == pytest.approx(mse, rel=1e-5)
+    assert logs["uw/weight/cls"] == pytest.approx(np.exp(0.2), rel=1e-6)
+    assert logs["reg"] == pytest.approx(0.5 * np.exp(-0.3) * mse + 0.5 * 0.3, rel=1e-5)
+    assert logs["cls"] == pytest.approx(np.exp(0.2) * ce + 0.5 * -0.2, rel=1e-5)
+    assert logs["loss"] == pytest.approx(logs["reg"] + logs["cls"], rel=1e-6)
+    trainer.fit((x, y), batch_size=8, epochs=3, progress=False)
+    assert weighting.log_variances["reg"].numpy() != pytest.approx(0.3)
+    assert weighting.log_variances["cls"].numpy() != pytest.approx(-0.2)
