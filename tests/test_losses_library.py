@@ -144,3 +144,23 @@ def test_uncertainty_weighting_objective_matches_numpy_and_its_variables_train()
     trainer.fit((x, y), batch_size=8, epochs=3, progress=False)
     assert weighting.log_variances["reg"].numpy() != pytest.approx(0.3)
     assert weighting.log_variances["cls"].numpy() != pytest.approx(-0.2)
+
+
+def test_focal_and_uncertainty_weighting_agree_eagerly_in_graph_and_under_xla():
+    rng = np.random.default_rng(9)
+    labels = tf.constant(rng.integers(0, 4, (6, 5)))
+    logits = tf.constant(rng.normal(size=(6, 5, 4)).astype(np.float32))
+    weighting = UncertaintyWeighting(
+        {"f": lambda o, t: tf.reduce_mean(sparse_focal_loss(t["y"], o["z"]))}, keys=["f"], regression=()
+    )
+    weighting.log_variances["f"].assign(0.4)
+
+    def both(z, y):
+        return tf.reduce_mean(sparse_focal_loss(y, z, gamma=2.0)), weighting({"z": z}, {"y": y})["f"]
+
+    eager = both(logits, labels)
+    for run in (tf.function(both), tf.function(both, jit_compile=True)):
+        for got, want in zip(run(logits, labels), eager):
+            assert got.numpy() == pytest.approx(want.numpy(), rel=1e-5)
+    focal_mean = numpy_focal(labels.numpy(), logits.numpy(), 2.0, 0.25).mean()
+    assert eager[1].numpy() == pytest.approx(np.exp(-0.4) * focal_mean + 0.2, rel=1e-5)
