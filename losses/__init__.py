@@ -3,7 +3,7 @@
 from losses import boxes
 from losses.adapters import FunctionLoss, PerOutputLoss, ShapeMismatchError, per_output
 from losses.distributed import global_sum
-from losses.evaluation import average_precision, mean_average_precision
+from losses.evaluation import average_precision, box_iou, mean_average_precision
 from losses.focal import SparseFocalLoss, sparse_focal_loss
 from losses.multibox import MultiBoxLoss, smooth_l1
 from losses.protocol import LossFn, LossProtocolError, LossValue, components
@@ -20,6 +20,7 @@ __all__ = [
     "SparseFocalLoss",
     "UncertaintyWeighting",
     "average_precision",
+    "box_iou",
     "boxes",
     "components",
     "global_sum",

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["average_precision", "mean_average_precision"]
+__all__ = ["average_precision", "box_iou", "mean_average_precision"]
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one corner box ``(4,)`` with each of ``boxes (n, 4)`` (NumPy, for evaluation and data generation)."""
     top_left = np.maximum(box[:2], boxes[:, :2])
     bottom_right = np.minimum(box[2:], boxes[:, 2:])
     inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
@@ -58,7 +59,7 @@ def mean_average_precision(
         hits = np.zeros(len(found))
         for i, (_, image, box) in enumerate(found):
             if len(gts[image]):
-                overlaps = _iou(np.asarray(box, np.float64), np.asarray(gts[image], np.float64))
+                overlaps = box_iou(np.asarray(box, np.float64), np.asarray(gts[image], np.float64))
                 best = int(np.argmax(overlaps))
                 if overlaps[best] >= iou_threshold and not used[image][best]:
                     used[image][best] = True

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from losses import MultiBoxLoss, boxes, mean_average_precision
+from losses import MultiBoxLoss, box_iou, boxes, mean_average_precision
 from trainer import Task
 
 SIZE = 64
@@ -26,14 +26,6 @@ SHAPES = (
     ((0.6, 1.0),),
 )
 ANCHORS = boxes.make_anchors(FEATURES, SHAPES)
-
-
-def _max_iou(box: np.ndarray, others: np.ndarray) -> float:
-    top_left = np.maximum(box[:2], others[:, :2])
-    bottom_right = np.minimum(box[2:], others[:, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=1)
-    areas = np.prod(others[:, 2:] - others[:, :2], axis=1)
-    return float(np.max(inter / (np.prod(box[2:] - box[:2]) + areas - inter)))
 
 
 def _draw(image: np.ndarray, shape: int, y0: int, x0: int, h: int, w: int, colour: np.ndarray) -> None:
@@ -60,7 +52,7 @@ def make_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
                 h, w = rng.integers(10, 29, 2)
                 y0, x0 = rng.integers(0, SIZE - h + 1), rng.integers(0, SIZE - w + 1)
                 candidate = np.array([y0, x0, y0 + h, x0 + w], np.float32) / SIZE
-                if not placed or _max_iou(candidate, np.stack(placed)) < 0.2:
+                if not placed or box_iou(candidate, np.stack(placed)).max() < 0.2:
                     break
             else:
                 continue
