@@ -167,3 +167,24 @@ def test_steps_per_epoch_runs_on_across_epochs_and_restarts_finite_data():
     infinite = ds.repeat()
     trainer.fit(infinite, epochs=2, steps_per_epoch=5, progress=False)
     assert trainer.global_step == 16
+
+
+def test_mirrored_strategy_on_one_device_matches_the_default_strategy():
+    """The step sums replica gradients in cross-replica context, then applies one guarded update (no merge_call
+    inside control flow). On one device this must equal the default strategy exactly."""
+    data = helpers.example1_data(40)
+    model = helpers.example1()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        twin = helpers.clone(model)
+        mirrored = Trainer(twin, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES, strategy=strategy)
+    plain = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES)
+    h1 = plain.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    h2 = mirrored.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-6, err_msg=key)
+    for a, b in zip(helpers.weights(model), helpers.weights(twin)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        mirrored.predict(data[0])["regression_output"], plain.predict(data[0])["regression_output"], rtol=1e-6
+    )

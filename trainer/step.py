@@ -72,8 +72,10 @@ class Steps:
         def compiled(fn: Callable, **kwargs: Any) -> Callable:
             return fn if run_eagerly else tf.function(fn, **kwargs)
 
-        train_step = compiled(self._train_step, jit_compile=True) if jit_compile else self._train_step
-        eval_step = compiled(self._eval_step, jit_compile=True) if jit_compile else self._eval_step
+        # One step = the replicas' forward/backward (strategy.run) + one guarded update in cross-replica context.
+        # XLA compiles the whole step where it can (one replica: the default strategy).
+        train_step = compiled(self._step_train, jit_compile=True) if jit_compile else self._step_train
+        eval_step = compiled(self._step_eval, jit_compile=True) if jit_compile else self._step_eval
         # Two loops per mode: "exact" when the host knows the data holds num_steps more batches (known cardinality;
         # plain next(), ~15 % faster on small models), "open" otherwise (get_next_as_optional, stops at the end).
         self.blocks = {
@@ -96,40 +98,60 @@ class Steps:
         tracker.update_means(values, batch_size_of(inputs))
         self._metrics.update(tracker.metrics, outputs, targets)
 
-    def _train_step(self, batch: tuple[Any, Mapping[str, tf.Tensor]]) -> tuple[tf.Tensor, tf.Tensor]:
+    def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]]):
+        """Forward and backward on one replica's share; returns (finite flags, loss values, gradients)."""
         inputs, targets = batch
         with tf.GradientTape() as tape:
             outputs, values = self._losses(inputs, targets, training=True)
         grads = tape.gradient(values[TOTAL], self._variables)
-        pairs = [(g, v) for g, v in zip(grads, self._variables) if g is not None]
-        if not pairs:
+        if all(g is None for g in grads):
             raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
         finite = tf.stack([tf.reduce_all(tf.math.is_finite(values[k])) for k in self.loss_keys])
-        stacked = tf.stack([values[k] for k in self.loss_keys])
 
-        def apply() -> tf.Tensor:
-            self._optimizer.apply_gradients(pairs)
+        def observe() -> tf.Tensor:
             self._observe("train", inputs, targets, outputs, values)
             return tf.constant(True)
 
-        # A non-finite step changes nothing: no update, no tracking; the block stops and the host raises.
-        tf.cond(tf.reduce_all(finite), apply, lambda: tf.constant(False))
-        return finite, stacked
+        tf.cond(tf.reduce_all(finite), observe, lambda: tf.constant(False))  # a skipped step is not tracked
+        return finite, tf.stack([values[k] for k in self.loss_keys]), grads
 
-    def _eval_step(self, batch: tuple[Any, Mapping[str, tf.Tensor]]) -> tuple[tf.Tensor, tf.Tensor]:
+    def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]]):
         inputs, targets = batch
         outputs, values = self._losses(inputs, targets, training=False)
         self._observe("eval", inputs, targets, outputs, values)
         return tf.ones([len(self.loss_keys)], tf.bool), tf.stack([values[k] for k in self.loss_keys])
 
-    # -- the in-graph loop ----------------------------------------------------------------------------------------
+    # -- one step over all replicas (cross-replica context) --------------------------------------------------------
 
-    def _run(self, step: Callable, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        finite, values = self._strategy.run(step, args=(batch,))
+    def _reduce_flags(self, finite: Any, values: Any) -> tuple[tf.Tensor, tf.Tensor]:
         reduce = self._strategy.reduce
         # A component is finite only if it is finite on every replica.
         bad = reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32), axis=None)
         return tf.equal(bad, 0), reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
+
+    def _step_train(self, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        finite, values, grads = self._strategy.run(self._train_replica, args=(batch,))
+        finite, values = self._reduce_flags(finite, values)
+        # Gradients are summed over replicas here, once, before the optimizer sees them; in cross-replica context
+        # Keras does not all-reduce again, and clipnorm/global_clipnorm act on the sum.
+        pairs = [
+            (self._strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None), v)
+            for g, v in zip(grads, self._variables)
+            if g is not None
+        ]
+
+        def apply() -> tf.Tensor:
+            self._optimizer.apply_gradients(pairs)
+            return tf.constant(True)
+
+        # A non-finite step changes no weight: the block stops and the host raises.
+        tf.cond(tf.reduce_all(finite), apply, lambda: tf.constant(False))
+        return finite, values
+
+    def _step_eval(self, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        return self._reduce_flags(*self._strategy.run(self._eval_replica, args=(batch,)))
+
+    # -- the in-graph loop ----------------------------------------------------------------------------------------
 
     def _block(self, mode: str, step: Callable, iterator: Any, num_steps: tf.Tensor, exact: bool) -> BlockResult:
         """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss.
@@ -143,7 +165,7 @@ class Steps:
             return tf.logical_and(tf.logical_and(i < num_steps, more), tf.reduce_all(finite))
 
         def run(i, batch):
-            ok, last = self._run(step, batch)
+            ok, last = step(batch)
             return i + tf.cast(tf.reduce_all(ok), tf.int32), tf.constant(True), ok, last
 
         def body(i, more, finite, values):
