@@ -1,16 +1,23 @@
-"""Train a task from the command line: ``python scripts/train.py [--task NAME | --task path/to/task.py] ...``.
+"""Train a task from the command line and keep everything about the run in one directory.
+
+    python scripts/train.py [--task NAME | --task path/to/task.py] [--epochs N] [--batch-size N] [--seed N]
+                            [--logdir DIR] [--checkpoint-every STEPS] [--steps-per-execution N]
+                            [--strategy default|mirrored|multiworker] [--no-progress]
 
 A task is a module with ``build(*, batch_size: int, seed: int) -> trainer.Task``. Built-in tasks live in
-``scripts/tasks/`` and are chosen by name; anything else is a path to a task file.
+``scripts/tasks/`` and are chosen by name; anything else is a path to a task file. The run directory holds
+history.csv, metrics.json, loss_curves.png, tensorboard/, checkpoints/, final.weights.h5 and config.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK = "detection"
+STRATEGIES = ("default", "mirrored", "multiworker")
+TENSORBOARD_EVERY = 50  # per-step TensorBoard scalars every this many training steps
 
 
 def builtin_tasks() -> list[str]:
@@ -33,6 +42,7 @@ def load_task(spec: str) -> ModuleType:
         )
     module_spec = importlib.util.spec_from_file_location(f"tapeloop_task_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses and pickling in the task file look it up there
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, "build", None)):
         raise SystemExit(f"error: task file {path} has no function build(*, batch_size, seed) -> trainer.Task.")
@@ -51,62 +61,113 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        description="Train a tapeloop task; everything about the run goes to one directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--task",
-        default=DEFAULT_TASK,
-        help=f"a built-in task ({', '.join(builtin_tasks())}; default {DEFAULT_TASK}) or a path to a task file",
-    )
-    parser.add_argument("--epochs", type=positive_int, help="number of epochs (default: the task's own)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="global batch size (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and shuffling (default 0)")
-    parser.add_argument(
-        "--steps-per-execution", type=positive_int, default=16, help="training steps per compiled call (default 16)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch instead)")
+    add = parser.add_argument
+    add("--task", default=DEFAULT_TASK, help=f"a built-in task ({', '.join(builtin_tasks())}) or a task file's path")
+    add("--epochs", type=positive_int, help="number of epochs (default: the task's own)")
+    add("--batch-size", type=positive_int, default=32, help="global batch size, split across replicas and workers")
+    add("--seed", type=int, default=0, help="seed for data, initial weights and shuffling")
+    add("--logdir", help="run directory (default: runs/<task>-<timestamp>)")
+    add("--checkpoint-every", type=positive_int, metavar="STEPS", help="write a checkpoint every STEPS steps")
+    add("--steps-per-execution", type=positive_int, default=16, help="training steps per compiled call")
+    add("--strategy", choices=STRATEGIES, default="default", help="tf.distribute strategy")
+    add("--no-progress", action="store_true", help="no progress bar: one line per epoch on stdout instead")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "multiworker":
+        raise SystemExit(
+            "error: --strategy multiworker is not available yet (it comes with multi-worker support); "
+            "use default or mirrored."
+        )
+    return tf.distribute.MirroredStrategy() if name == "mirrored" else tf.distribute.get_strategy()
+
+
+@dataclass
+class Run:
+    """What a run produced: the final results, the History and the run directory."""
+
+    results: dict[str, float]
+    history: dict[str, list[float]]
+    logdir: Path
+
+
+def main(argv: list[str] | None = None) -> Run:
     args = parse_args(argv)
     module = load_task(args.task)
-    import keras  # after argument parsing: --help stays fast
+    strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+    import keras
 
-    from trainer import ProgressWriter, Trainer, WriterCallback
+    from trainer import (
+        CheckpointCallback,
+        CSVWriter,
+        PlotWriter,
+        ProgressWriter,
+        TensorBoardWriter,
+        Trainer,
+        WriterCallback,
+    )
 
     start = time.perf_counter()
+    name = Path(args.task).stem
+    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    logdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
-    task = module.build(batch_size=args.batch_size, seed=args.seed)
-    trainer = Trainer(
-        task.model,
-        optimizer=task.optimizer,
-        loss=task.loss,
-        loss_weights=task.loss_weights,
-        metrics=task.metrics,
-        steps_per_execution=args.steps_per_execution,
-        seed=args.seed,
-    )
-    lines = [WriterCallback(ProgressWriter(sys.stdout, bar=False))] if args.no_progress else []
+    with strategy.scope():
+        task = module.build(batch_size=args.batch_size, seed=args.seed)
+        trainer = Trainer(
+            task.model,
+            optimizer=task.optimizer,
+            loss=task.loss,
+            loss_weights=task.loss_weights,
+            metrics=task.metrics,
+            steps_per_execution=args.steps_per_execution,
+            strategy=strategy,
+            seed=args.seed,
+        )
+    epochs = args.epochs or task.epochs
+    config = {**vars(args), "task_file": str(module.__file__), "logdir": str(logdir), "epochs": epochs}
+    config["replicas"] = strategy.num_replicas_in_sync
+    (logdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    writers = [
+        CSVWriter(logdir / "history.csv"),
+        TensorBoardWriter(logdir / "tensorboard", every_n_steps=TENSORBOARD_EVERY),
+        PlotWriter(logdir / "loss_curves.png"),
+    ]
+    if args.no_progress:
+        writers.append(ProgressWriter(sys.stdout, bar=False))
+    callbacks = [WriterCallback(*writers)]
+    if args.checkpoint_every:
+        callbacks.append(CheckpointCallback(trainer, logdir / "checkpoints", args.checkpoint_every))
     history = trainer.fit(
-        task.train,
-        epochs=args.epochs or task.epochs,
-        validation_data=task.validation,
-        callbacks=lines,
-        progress=not args.no_progress,
+        task.train, epochs=epochs, validation_data=task.validation, callbacks=callbacks, progress=not args.no_progress
     )
     if task.validation is not None:
         results = trainer.evaluate(task.validation)
     else:
         results = {k: v[-1] for k, v in history.history.items()}
     if task.evaluate_extra is not None:
-        results.update(task.evaluate_extra(trainer, task.validation))
+        results.update({k: float(v) for k, v in task.evaluate_extra(trainer, task.validation).items()})
+    (logdir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    if hasattr(task.model, "save_weights"):
+        task.model.save_weights(logdir / "final.weights.h5")
+    print_summary(name, results, task.validation is not None, trainer.global_step, time.perf_counter() - start, logdir)
+    return Run(results, history.history, logdir)
+
+
+def print_summary(task: str, results: dict[str, float], validation: bool, steps: int, seconds: float, logdir: Path):
     width = max(map(len, results))
-    print(f"\nFinal results ({'validation' if task.validation is not None else 'training'}), task {args.task}:")
+    print(f"\nFinal results ({'validation' if validation else 'training'}), task {task}:")
+    print(f"  {'key':<{width}}  value")
     for key, value in results.items():
         print(f"  {key:<{width}}  {value:.4f}")
-    print(f"Done in {time.perf_counter() - start:.1f}s ({trainer.global_step} steps).")
-    return results
+    print(f"Done in {seconds:.1f}s ({steps} steps). Run directory: {logdir}")
+    print(f"  tensorboard --logdir {logdir / 'tensorboard'}   ·   curves: {logdir / 'loss_curves.png'}")
 
 
 if __name__ == "__main__":

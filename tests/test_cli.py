@@ -1,78 +1,197 @@
-"""scripts/train.py: the README's main command, user task files, and clear errors."""
+"""scripts/train.py end to end: the run directory's files agree with each other, task files, clear errors."""
 
+import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
+import tensorflow as tf
+
+from trainer import plot_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_module():
+def _cli():
     spec = importlib.util.spec_from_file_location("tapeloop_train_cli", ROOT / "scripts" / "train.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
 USER_TASK = """
 import keras, numpy as np, tensorflow as tf
+from dataclasses import dataclass
 from trainer import Task
+
+@dataclass
+class Settings:  # a dataclass in a task file needs the module in sys.modules
+    lr: float = 0.05
+
+def model():
+    inp = keras.layers.Input((3,))
+    hidden = keras.layers.Dense(4, activation="relu")(inp)
+    p = keras.layers.Dense(2, activation="softmax")(hidden)
+    return keras.Model(inp, {"y": keras.layers.Dense(1)(hidden), "p": p})
+
+def loss(outputs, targets):
+    return {"mse": tf.reduce_mean(tf.square(outputs["y"] - targets["y"])),
+            "ce": tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(targets["p"], outputs["p"]))}
 
 def build(*, batch_size, seed):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(64, 3)).astype("float32")
-    y = {"output": (x @ np.array([[1.0], [2.0], [-1.0]], "float32"))}
-    inp = keras.layers.Input((3,))
-    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    x = rng.normal(size=(70, 3)).astype("float32")
+    y = {"y": x @ np.array([[1.0], [2.0], [-1.0]], "float32"), "p": (x[:, 0] > 0).astype("int32")}
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-    return Task(model=model, loss={"output": "mse"}, train=data, validation=data, epochs=2,
-                optimizer=keras.optimizers.SGD(0.1),
+    return Task(model=model(), loss=loss, train=data, validation=data.take(2), epochs=3,
+                metrics={"p": ["accuracy"]}, optimizer=keras.optimizers.SGD(Settings().lr),
                 evaluate_extra=lambda trainer, val: {"answer": 42.0})
 """
 
 
-def test_user_task_file_trains_and_reports_extra_metrics(tmp_path, capsys):
+@pytest.fixture
+def task_file(tmp_path):
     path = tmp_path / "my_task.py"
     path.write_text(USER_TASK)
-    results = _train_module().main(["--task", str(path), "--batch-size", "16", "--no-progress"])
+    return path
+
+
+def _events(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    found: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return found
+
+
+def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
+    logdir = tmp_path / "run"
+    args = ["--task", str(task_file), "--batch-size", "16", "--logdir", str(logdir), "--no-progress"]
+    run = _cli().main([*args, "--checkpoint-every", "4", "--steps-per-execution", "3"])
     out = capsys.readouterr().out
-    assert results["answer"] == 42.0 and set(results) == {"loss", "output", "answer"}
-    assert "Epoch 2/2 - 4 steps" in out and "Final results (validation), task" in out
+    names = {"history.csv", "metrics.json", "loss_curves.png", "tensorboard", "checkpoints", "final.weights.h5"}
+    assert names | {"config.json"} == {p.name for p in logdir.iterdir()}
+    history = run.history
+    keys = ["loss", "mse", "ce", "p/accuracy", "val_loss", "val_mse", "val_ce", "val_p/accuracy"]
+    assert list(history) == keys and len(history["loss"]) == 3
+
+    rows = list(csv.DictReader((logdir / "history.csv").open()))
+    assert list(rows[0]) == ["epoch", *keys]
+    for key in keys:
+        assert [float(r[key]) for r in rows] == history[key]
+
+    metrics = json.loads((logdir / "metrics.json").read_text())
+    assert set(metrics) == {"loss", "mse", "ce", "p/accuracy", "answer"} and metrics["answer"] == 42.0
+    for key in ("loss", "mse", "ce", "p/accuracy"):  # evaluated on the final weights: the last epoch's val_ values
+        assert metrics[key] == pytest.approx(history[f"val_{key}"][-1], rel=1e-6)
+
+    events = _events(logdir / "tensorboard")
+    for key in keys:
+        assert [v for _, v in events[f"epoch/{key}"]] == pytest.approx(history[key], rel=1e-6)
+    assert [s for s, _ in events["epoch/loss"]] == [0, 1, 2]
+
+    image = matplotlib.image.imread(logdir / "loss_curves.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    assert [a.get_title() for a in plot_history(history).axes] == ["loss", "mse", "ce", "p/accuracy"]
+
+    config = json.loads((logdir / "config.json").read_text())
+    assert config["batch_size"] == 16 and config["epochs"] == 3 and config["checkpoint_every"] == 4
+
+    spec = importlib.util.spec_from_file_location("user_task", task_file)
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    restored = user.model()
+    restored.load_weights(logdir / "final.weights.h5")
+    x = np.ones((2, 3), "float32")
+    final = restored(x)["y"].numpy()
+    # 5 steps per epoch (70 / 16) in blocks of 3 and 2: blocks end at steps 3, 5, 8, 10, 13, 15; a checkpoint
+    # where a block crosses a multiple of 4 (5, 8, 13) and at the end (15); the last 3 are kept
+    index = tf.train.get_checkpoint_state(str(logdir / "checkpoints"))
+    assert [Path(p).name for p in index.all_model_checkpoint_paths] == ["ckpt-8", "ckpt-13", "ckpt-15"]
+    twin = user.model()
+    tf.train.Checkpoint(model=twin).restore(index.model_checkpoint_path).expect_partial()
+    np.testing.assert_array_equal(twin(x)["y"].numpy(), final)
+    assert "Epoch 3/3 - 5 steps" in out and f"Run directory: {logdir}" in out and "answer" in out
 
 
-def test_unknown_task_lists_the_builtins():
-    with pytest.raises(SystemExit, match="unknown task 'nosuch': not a built-in task \\(detection, multitask\\)"):
-        _train_module().main(["--task", "nosuch"])
+def test_mirrored_strategy_flag_trains(task_file, tmp_path):
+    run = _cli().main(
+        ["--task", str(task_file), "--strategy", "mirrored", "--logdir", str(tmp_path / "m"), "--no-progress"]
+    )
+    assert np.isfinite(run.results["loss"])
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["replicas"] >= 1
 
 
-def test_invalid_flag_values_are_rejected(capsys):
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--task", "nosuch"],
+            "unknown task 'nosuch': not a built-in task \\(combined, detection, digits, multitask\\)",
+        ),
+        (["--strategy", "multiworker"], "--strategy multiworker is not available yet"),
+    ],
+)
+def test_clear_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        _cli().main(args)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "expected a positive integer, got 0"),
+        (["--checkpoint-every", "x"], "expected a positive integer, got 'x'"),
+        (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_invalid_flags_are_rejected(args, message, capsys):
     with pytest.raises(SystemExit):
-        _train_module().main(["--epochs", "0"])
-    assert "expected a positive integer, got 0" in capsys.readouterr().err
+        _cli().main(args)
+    assert message in capsys.readouterr().err
 
 
-def test_readme_main_command_runs_the_default_task():
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        _cli().main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--task", "--epochs", "--batch-size", "--seed", "--logdir", "--checkpoint-every",
+                 "--steps-per-execution", "--strategy", "--no-progress"):  # fmt: skip
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("task", "keys"),
+    [
+        ("multitask", {"regression", "classification", "classification_output/accuracy"}),
+        ("combined", {"bce", "mse", "output/accuracy"}),
+        ("digits", {"ce", "recon", "agreement", "label/accuracy"}),
+    ],
+)
+def test_builtin_tasks_run(task, keys, tmp_path):
+    run = _cli().main(["--task", task, "--epochs", "1", "--logdir", str(tmp_path / task), "--no-progress"])
+    assert keys | {"loss"} <= set(run.results)
+
+
+def test_readme_main_command_runs_the_default_task(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, "scripts/train.py", "--epochs", "1", "--no-progress"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--epochs", "1", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Final results (validation), task detection" in done.stdout
     assert "Epoch 1/1 - 128 steps" in done.stdout
     for key in ("loc", "conf", "mAP@0.5", "mAP@0.75"):
         assert f"  {key} " in done.stdout
-
-
-def test_multitask_builtin_runs(capsys):
-    results = _train_module().main(["--task", "multitask", "--epochs", "1", "--no-progress"])
-    assert {"regression", "classification", "classification_output/accuracy"} <= set(results)
-    assert "Epoch 1/1 - 512 steps" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("detection-") and (run / "loss_curves.png").is_file()

@@ -1,13 +1,16 @@
 """tapeloop's training loop: ``Trainer`` and the parts it composes."""
 
 from trainer.callbacks import History
+from trainer.checkpoints import CheckpointCallback
 from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
+from trainer.plots import PlotWriter, plot_history
 from trainer.task import Task
 from trainer.trainer import Trainer
 from trainer.writers import CSVWriter, Every, MultiWriter, ProgressWriter, TensorBoardWriter, Writer, WriterCallback
 
 __all__ = [
     "CSVWriter",
+    "CheckpointCallback",
     "DataError",
     "Every",
     "History",
@@ -15,6 +18,7 @@ __all__ = [
     "MissingKeyError",
     "MultiWriter",
     "NonFiniteLossError",
+    "PlotWriter",
     "ProgressWriter",
     "ShapeMismatchError",
     "Task",
@@ -22,4 +26,5 @@ __all__ = [
     "Trainer",
     "Writer",
     "WriterCallback",
+    "plot_history",
 ]
