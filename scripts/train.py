@@ -59,6 +59,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def steps_per_execution(text: str) -> int | str:
+    """``auto`` or a positive int (argparse type)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a tapeloop task; everything about the run goes to one directory.",
@@ -71,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed for data, initial weights and shuffling")
     add("--logdir", help="run directory (default: runs/<task>-<timestamp>)")
     add("--checkpoint-every", type=positive_int, metavar="STEPS", help="write a checkpoint every STEPS steps")
-    add("--steps-per-execution", type=positive_int, default=16, help="training steps per compiled call")
+    add(
+        "--steps-per-execution",
+        type=steps_per_execution,
+        default="auto",
+        help="training steps per compiled call, or 'auto' (grown until one call takes ~50 ms)",
+    )
     add("--strategy", choices=STRATEGIES, default="default", help="tf.distribute strategy")
     add("--no-progress", action="store_true", help="no progress bar: one line per epoch on stdout instead")
     return parser.parse_args(argv)

@@ -112,10 +112,10 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
     restored.load_weights(logdir / "final.weights.h5")
     x = np.ones((2, 3), "float32")
     final = restored(x)["y"].numpy()
-    # 5 steps per epoch (70 / 16) in blocks of 3 and 2: blocks end at steps 3, 5, 8, 10, 13, 15; a checkpoint
-    # where a block crosses a multiple of 4 (5, 8, 13) and at the end (15); the last 3 are kept
+    # 5 steps per epoch (70 / 16), blocks of up to 3 cut to end on multiples of 4 (and of TensorBoard's 50):
+    # checkpoints at exactly 4, 8, 12 and at the end (15); the last 3 are kept
     index = tf.train.get_checkpoint_state(str(logdir / "checkpoints"))
-    assert [Path(p).name for p in index.all_model_checkpoint_paths] == ["ckpt-8", "ckpt-13", "ckpt-15"]
+    assert [Path(p).name for p in index.all_model_checkpoint_paths] == ["ckpt-8", "ckpt-12", "ckpt-15"]
     twin = user.model()
     tf.train.Checkpoint(model=twin).restore(index.model_checkpoint_path).expect_partial()
     np.testing.assert_array_equal(twin(x)["y"].numpy(), final)
@@ -151,6 +151,7 @@ def test_clear_errors(args, message):
         (["--epochs", "0"], "expected a positive integer, got 0"),
         (["--checkpoint-every", "x"], "expected a positive integer, got 'x'"),
         (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+        (["--steps-per-execution", "fast"], "expected 'auto' or a positive integer, got 'fast'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )

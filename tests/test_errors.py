@@ -134,8 +134,8 @@ def test_bad_data_gets_its_own_message(data, message):
     ("kwargs", "exc", "message"),
     [
         ({"optimizer": "adamm"}, ValueError, "Unknown optimizer 'adamm'; known names: .*adam"),
-        ({"steps_per_execution": 0}, ValueError, "`steps_per_execution` must be a positive int, got 0"),
-        ({"steps_per_execution": "auto"}, ValueError, "`steps_per_execution` must be a positive int, got 'auto'"),
+        ({"steps_per_execution": 0}, ValueError, "`steps_per_execution` must be a positive int or 'auto', got 0"),
+        ({"steps_per_execution": "fast"}, ValueError, "must be a positive int or 'auto', got 'fast'"),
         ({"loss": {"regression_output": "msee"}}, ValueError, "Unknown Keras loss 'msee'.*Did you mean"),
         ({"loss": None}, ValueError, "`loss` is required"),
         ({"loss": {"loss": "mse"}}, ValueError, "'loss' is a reserved key"),

@@ -62,11 +62,16 @@ class CallbackList:
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):
             raise AttributeError(hook)
+        base = getattr(keras.callbacks.Callback, hook)
+        # Only callbacks that override the hook are called (per block this is often none at all).
+        # A hook may be overridden on the class or set on the instance (``LambdaCallback``).
+        methods = [m for m in (getattr(cb, hook) for cb in self.callbacks) if getattr(m, "__func__", None) is not base]
 
         def dispatch(*args: Any) -> None:
-            for callback in self.callbacks:
-                getattr(callback, hook)(*args)
+            for method in methods:
+                method(*args)
 
+        setattr(self, hook, dispatch)  # cached: __getattr__ runs once per hook
         return dispatch
 
     def teardown(self) -> None:

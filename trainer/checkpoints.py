@@ -55,6 +55,10 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._manager.save(checkpoint_number=step)
         self._saved_step = step
 
+    def step_periods(self) -> list[int]:
+        """The Trainer ends blocks on these periods, so checkpoints land on exact multiples of ``every_n_steps``."""
+        return [self.every.n]
+
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         step = self.trainer.global_step
         if self.every.due(self._last_step, step):

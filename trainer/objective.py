@@ -171,9 +171,14 @@ class Objective:
             factor = factor * self.weights[name]
         return factor
 
-    def total(self, parts: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """The weighted sum that is optimised."""
-        return tf.add_n([self.weight(key) * parts[key] for key in self.keys])
+    def weight_vector(self) -> tf.Tensor:
+        """Every component's effective weight, in ``keys`` order (read once per compiled block)."""
+        return tf.stack([self.weight(key) for key in self.keys])
+
+    def total(self, parts: Mapping[str, tf.Tensor], weights: tf.Tensor | None = None) -> tf.Tensor:
+        """The weighted sum that is optimised; ``weights`` is a precomputed :meth:`weight_vector`."""
+        weights = self.weight_vector() if weights is None else weights
+        return tf.reduce_sum(weights * tf.stack([parts[key] for key in self.keys]))
 
     def logged_keys(self) -> list[str]:
         """``loss`` first, then every component (a single unnamed scalar loss is the total itself)."""

@@ -7,6 +7,7 @@ stop. The inner loop lives in ``trainer/step.py``.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,13 +15,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.blocks import AUTO, BlockSizer, steps_to_boundary
 from trainer.callbacks import CallbackList, History, callback_model
 from trainer.data import Data
 from trainer.epochs import EpochRunner
 from trainer.errors import DataError, NonFiniteLossError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
-from trainer.step import BlockResult, Steps
+from trainer.step import Steps
 from trainer.structure import as_output_dict, output_hint
 from trainer.tracking import Tracker
 from trainer.writers import ProgressWriter, WriterCallback
@@ -56,12 +58,6 @@ def _accepts_training(model: Any) -> bool:
     return any(p.name == "training" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _host(result: BlockResult) -> tuple[int, bool, np.ndarray, np.ndarray, dict[str, float]]:
-    """The one host sync per compiled block: everything the outer loop needs, read together."""
-    ran, more, finite, values, logs = result
-    return int(ran), bool(more), finite.numpy(), values.numpy(), {k: float(v) for k, v in logs.items()}
-
-
 class Trainer:
     """Trains a model whose losses see every output and every target, logging every named loss component.
 
@@ -73,7 +69,8 @@ class Trainer:
             in the dict a ``str`` or ``keras.losses.Loss`` is a Keras per-output loss on the output of that name.
         loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights`` property).
         metrics: ``{output: [str | keras.metrics.Metric]}`` and/or ``{name: callable(outputs, targets)}``.
-        steps_per_execution: training steps per compiled call (an in-graph loop).
+        steps_per_execution: training steps per compiled call (an in-graph loop), or ``"auto"`` (the default):
+            grown at run time until one call takes ~50 ms (see ``trainer/blocks.py``); results are identical.
         jit_compile: compile the step with XLA (slower on CPU; see PITFALLS.md).
         strategy: a ``tf.distribute.Strategy``; None is the default strategy. Create the model in its scope.
         run_eagerly: run the step eagerly, for debugging with print/pdb.
@@ -91,7 +88,7 @@ class Trainer:
         loss: Any = None,
         loss_weights: Mapping[str, float] | None = None,
         metrics: Mapping[str, Any] | None = None,
-        steps_per_execution: int = 1,
+        steps_per_execution: int | str = AUTO,
         jit_compile: bool = False,
         strategy: tf.distribute.Strategy | None = None,
         run_eagerly: bool = False,
@@ -107,7 +104,14 @@ class Trainer:
         if jit_compile and run_eagerly:
             raise ValueError("`jit_compile=True` and `run_eagerly=True` exclude each other; choose one.")
         self.model = model
-        self.steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
+        if steps_per_execution != AUTO:
+            try:
+                steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
+            except ValueError:
+                raise ValueError(
+                    f"`steps_per_execution` must be a positive int or 'auto', got {steps_per_execution!r}."
+                ) from None
+        self.steps_per_execution = steps_per_execution
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -123,6 +127,8 @@ class Trainer:
         self._predict_step: Any = None
         self._predict_traces = 0
         self._counts: dict[int, tf.Tensor] = {}
+        self._sizers = {mode: BlockSizer(self.steps_per_execution) for mode in ("train", "eval")}
+        self._periods: list[int] = []  # step periods callbacks asked for; train blocks end on their multiples
         self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
         self.global_step = 0  # training steps applied so far
 
@@ -258,6 +264,7 @@ class Trainer:
         target = self._stop = callback_model(self.model, self.optimizer)
         steps = steps_per_epoch or data.steps
         cbs = CallbackList([*callbacks, history, *writers], model=target, params={"epochs": epochs, "steps": steps})
+        self._periods = sorted({p for cb in cbs.callbacks for p in getattr(cb, "step_periods", list)()})
         logs: dict[str, float] = {}
         run = EpochRunner(self, data, steps_per_epoch)
         try:
@@ -292,12 +299,17 @@ class Trainer:
         ``known_length``: the iterator holds at least ``budget`` more batches (the faster exact loop is safe).
         """
         steps = self._steps
-        block = steps.blocks[mode, budget is not None and known_length]
+        block = steps.block_for(mode, budget is not None and known_length, iterator, self._count(1))
+        sizer = self._sizers[mode]
         done = 0
         while budget is None or done < budget:
-            n = self.steps_per_execution if budget is None else min(self.steps_per_execution, budget - done)
+            boundary = steps_to_boundary(self.global_step, self._periods) if mode == "train" else None
+            n = sizer.next(None if budget is None else budget - done, boundary)
             on_block("begin", done, None)
-            ran, more, finite, values, logs = _host(block(iterator, self._count(n)))
+            start = time.perf_counter()
+            # The one host sync per block: everything the outer loop needs comes back in a single vector.
+            ran, more, finite, values, logs = steps.unpack(mode, block(iterator, self._count(n)).numpy())
+            sizer.observe(n, ran, time.perf_counter() - start)
             if mode == "train":
                 self.global_step += ran
             if not finite.all():

@@ -51,7 +51,11 @@ class Writer:
         """The epoch's final values, validation included."""
 
     def close(self) -> None:
-        """Flush and release; called exactly once, also when training failed."""
+        """Flush and release; called at the end of every fit, also when training failed (it must be idempotent)."""
+
+    def step_periods(self) -> list[int]:
+        """Step periods this writer acts on; training blocks end on their multiples (see trainer/blocks.py)."""
+        return []
 
 
 class MultiWriter(Writer):
@@ -75,6 +79,9 @@ class MultiWriter(Writer):
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+    def step_periods(self) -> list[int]:
+        return [p for writer in self.writers for p in writer.step_periods()]
 
 
 class ProgressWriter(Writer):
@@ -168,6 +175,9 @@ class TensorBoardWriter(Writer):
             for key, value in scalars.items():
                 tf.summary.scalar(f"{prefix}/{key}", value)
 
+    def step_periods(self) -> list[int]:
+        return [] if self.every.n is None else [self.every.n]
+
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self.every.due(self._last_step, step):
             self._write("step", step, scalars)
@@ -202,6 +212,9 @@ class WriterCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.writer.write_epoch(epoch, logs or {})
+
+    def step_periods(self) -> list[int]:
+        return self.writer.step_periods()
 
     def teardown(self) -> None:
         self.writer.close()  # writers' close() is idempotent

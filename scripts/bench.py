@@ -1,0 +1,230 @@
+"""Benchmark: tapeloop's Trainer against a minimal hand-written GradientTape loop and keras.Model.fit.
+
+    python scripts/bench.py [--repeats N] [--json PATH]
+
+Same model, data and optimizer in one process; warm-up (tracing) excluded; each figure is the best of ``--repeats``
+timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
+  (a) overhead-bound: seed 001 example 1 (100 -> 64 -> 32 -> 1 and 3), batch 32, Keras-style losses
+  (b) compute-bound: MLP 100 -> 256 -> 256 -> heads, batch 256
+  (c) logging cost: workload (a) with a loss returning 1 vs 20 named components
+  (d) the detection task's SSD, batch 32
+plus retraces after the first epoch and resident memory over 20 epochs. Targets are printed as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tasks"))
+from trainer import Trainer
+
+LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+
+
+def two_head_model(width: tuple[int, ...]) -> keras.Model:
+    inp = layers.Input((100,))
+    x = inp
+    for units in width:
+        x = layers.Dense(units, activation="relu")(x)
+    return keras.Model(
+        inp,
+        [
+            layers.Dense(1, name="regression_output")(x),
+            layers.Dense(3, activation="softmax", name="classification_output")(x),
+        ],
+    )
+
+
+def two_head_data(n: int, batch: int) -> tf.data.Dataset:
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 100), dtype=np.float32)
+    y = {
+        "regression_output": rng.random((n, 1), dtype=np.float32),
+        "classification_output": np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)],
+    }
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache().prefetch(4)
+
+
+def best_rates(runs: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Steps/s of each ``run()`` (one epoch of ``steps``): best of ``repeats``, the runners interleaved round-robin
+    so that a slow phase of the machine hits all of them alike; one warm-up call each (tracing) is excluded."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: steps / seconds for name, seconds in best.items()}
+
+
+def hand_loop(model: keras.Model, loss_fn, dataset: tf.data.Dataset, spe: int):
+    """The floor: a minimal tf.function GradientTape step, ``spe`` steps per call in a tf.range loop."""
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(x, training=True), y)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    @tf.function
+    def one(x, y):
+        step(x, y)
+
+    @tf.function
+    def block(iterator, n):
+        for _ in tf.range(n):
+            step(*next(iterator))
+
+    steps = int(dataset.cardinality())
+
+    def run():
+        if spe == 1:
+            for x, y in dataset:
+                one(x, y)
+            return
+        iterator = iter(dataset)
+        for start in range(0, steps, spe):
+            block(iterator, tf.constant(min(spe, steps - start)))
+
+    return run
+
+
+def keras_losses(outputs, targets):
+    mse = keras.losses.MeanSquaredError()(targets["regression_output"], outputs[0])
+    return mse + keras.losses.CategoricalCrossentropy()(targets["classification_output"], outputs[1])
+
+
+def compare(name, build_model, dataset, spe, repeats, results, *, loss=LOSSES, hand_loss=keras_losses, with_fit=True):
+    steps = int(dataset.cardinality())
+    trainer = Trainer(build_model(), optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=spe)
+    runs = {
+        "tapeloop": lambda: trainer.fit(dataset, epochs=1, progress=False),
+        "hand": hand_loop(build_model(), hand_loss, dataset, 32 if spe == "auto" else spe),
+    }
+    if with_fit:
+        model = build_model()
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=1 if spe == "auto" else spe)
+        runs["keras_fit"] = lambda: model.fit(dataset, epochs=1, verbose=0)
+    results.append({"workload": name, "spe": spe, **best_rates(runs, steps, repeats)})
+
+
+def many_components(k: int):
+    def loss(outputs, targets):
+        err = tf.square(outputs["regression_output"] - targets["regression_output"])
+        ce = keras.losses.categorical_crossentropy(targets["classification_output"], outputs["classification_output"])
+        parts = {"mse": tf.reduce_mean(err), "ce": tf.reduce_mean(ce)}
+        for i in range(18):
+            parts[f"part{i:02d}"] = tf.reduce_mean(err * (i + 1) / 100.0)
+        return parts if k > 1 else tf.add_n(list(parts.values()))  # the same work, one logged key
+
+    return loss
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure (best of)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    keras.utils.set_random_seed(0)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    small = two_head_data(32 * 200, 32)
+    for spe in (1, 32, "auto"):
+        compare("a: seed001 ex1, batch 32", lambda: two_head_model((64, 32)), small, spe, args.repeats, rows)
+    big = two_head_data(256 * 40, 256)
+    compare("b: MLP 256x256, batch 256", lambda: two_head_model((256, 256)), big, 1, args.repeats, rows)
+
+    runs = {}
+    for k in (1, 20):
+        trainer = Trainer(two_head_model((64, 32)), optimizer=keras.optimizers.Adam(1e-3), loss=many_components(k))
+        runs[k] = lambda t=trainer: t.fit(small, epochs=1, progress=False)
+    logging = best_rates(runs, 200, args.repeats)
+
+    import detection
+
+    rng = np.random.default_rng(0)
+    images, box, label = detection.make_images(32 * 12, rng)
+    det = tf.data.Dataset.from_tensor_slices((images, detection.encode_targets(box, label))).batch(32).cache()
+    from losses import MultiBoxLoss
+
+    multibox = MultiBoxLoss()
+
+    def det_hand_loss(outputs, targets):
+        parts = multibox(outputs, targets)
+        return parts["loc"] + parts["conf"]
+
+    compare("d: detection SSD, batch 32", detection.build_model, det, 1, max(1, args.repeats - 1), rows,
+            loss=multibox, hand_loss=det_hand_loss, with_fit=False)  # fmt: skip
+
+    # Retraces and memory: 20 epochs with a partial last batch and validation.
+    x = np.random.default_rng(1).random((1000, 100), dtype=np.float32)
+    y = {"regression_output": x[:, :1], "classification_output": np.eye(3, dtype=np.float32)[(x[:, 1] * 3).astype(int)]}
+    trainer = Trainer(two_head_model((64, 32)), loss=LOSSES, steps_per_execution="auto")
+    trainer.fit(
+        (x, y),
+        batch_size=48,
+        epochs=2,
+        validation_data=(x[:100], {k: v[:100] for k, v in y.items()}),
+        progress=False,
+    )
+    traces, before = dict(trainer.trace_counts), rss_mb()
+    trainer.fit(
+        (x, y), batch_size=48, epochs=20, validation_data=(x[:100], {k: v[:100] for k, v in y.items()}), progress=False
+    )
+    growth = rss_mb() - before
+    retraced = {k: trainer.trace_counts[k] - traces.get(k, 0) for k in trainer.trace_counts}
+
+    report = {
+        "rows": rows,
+        "logging": {"1": logging[1], "20": logging[20], "cost": 1 - logging[20] / logging[1]},
+        "retraces_after_first_epochs": retraced,
+        "rss_growth_mb_over_20_epochs": growth,
+        "seconds": time.perf_counter() - started,
+    }
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"\n{'workload':<28} {'spe':>5} {'tapeloop':>9} {'hand':>9} {'fit':>9} {'vs hand':>8} {'vs fit':>7}")
+    for r in report["rows"]:
+        fit = r.get("keras_fit")
+        fit_rate = f"{fit:.0f}" if fit else "-"
+        vs_fit = f"{r['tapeloop'] / fit:.2f}" if fit else "-"
+        hand_ratio = r["tapeloop"] / r["hand"]
+        print(
+            f"{r['workload']:<28} {r['spe']!s:>5} {r['tapeloop']:>9.0f} {r['hand']:>9.0f} {fit_rate:>9} "
+            f"{hand_ratio:>8.2f} {vs_fit:>7}"
+        )
+    log = report["logging"]
+    print(f"\nc: logging cost, 20 components vs 1: {log['20']:.0f} vs {log['1']:.0f} steps/s ({log['cost']:+.1%})")
+    print(f"retraces after the first epochs (partial batch + validation): {report['retraces_after_first_epochs']}")
+    print(f"resident memory growth over 20 epochs: {report['rss_growth_mb_over_20_epochs']:.1f} MB")
+    print(f"(steps/s, best of repeats; bench took {report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""steps_per_execution="auto" and exact cadences."""
+
+import keras
+import numpy as np
+
+from tests import helpers
+from trainer import Trainer
+from trainer.blocks import BlockSizer, steps_to_boundary
+
+LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+
+
+def test_auto_grows_blocks_and_gives_bit_identical_results_to_one_step_per_call():
+    data = helpers.example1_data(32 * 120)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    one = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=LOSSES)
+    auto = Trainer(twin, optimizer=keras.optimizers.SGD(0.05), loss=LOSSES, steps_per_execution="auto")
+    h1 = one.fit(data, batch_size=32, epochs=2, shuffle=False, progress=False).history
+    h2 = auto.fit(data, batch_size=32, epochs=2, shuffle=False, progress=False).history
+    assert h1 == h2
+    for a, b in zip(helpers.weights(model), helpers.weights(twin)):
+        np.testing.assert_array_equal(a, b)
+    assert auto._sizers["train"].size > 4  # ~1 ms steps: it doubled well past a handful
+    assert auto.trace_counts["train"] == 1
+
+
+def test_block_sizer_doubles_after_fast_full_blocks_and_respects_limits():
+    sizer = BlockSizer("auto", target_seconds=0.05)
+    sizer.observe(1, 1, 2.0)  # the first call traces: ignored
+    assert sizer.size == 1
+    for _ in range(3):
+        sizer.observe(sizer.size, sizer.size, 0.001)
+    assert sizer.size == 8
+    sizer.observe(8, 5, 0.001)  # the data ended inside the block: no information
+    sizer.observe(8, 8, 0.04)  # slow enough: stays
+    assert sizer.size == 8
+    assert sizer.next(3, None) == 3 and sizer.next(None, 20) == 8
+    fixed = BlockSizer(4)
+    fixed.observe(4, 4, 0.0001)
+    assert fixed.size == 4
+
+
+def test_steps_to_boundary():
+    assert steps_to_boundary(0, [4, 50]) == 4
+    assert steps_to_boundary(4, [4, 50]) == 4
+    assert steps_to_boundary(49, [4, 50]) == 1
+    assert steps_to_boundary(7, []) is None
