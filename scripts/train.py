@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -117,14 +118,15 @@ def main(argv: list[str] | None = None) -> Run:
     module = load_task(args.task)
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
     import keras
+    import tensorflow as tf
 
     from trainer import (
-        CheckpointCallback,
         CSVWriter,
         PlotWriter,
         ProgressWriter,
         TensorBoardWriter,
         Trainer,
+        TrainingInterrupted,
         WriterCallback,
     )
 
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> Run:
     name = Path(args.task).stem
     logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     logdir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, data
+    tf.config.experimental.enable_op_determinism()  # the same bits on the same machine, run after run
     with strategy.scope():
         task = module.build(batch_size=args.batch_size, seed=args.seed)
         trainer = Trainer(
@@ -156,12 +159,23 @@ def main(argv: list[str] | None = None) -> Run:
     ]
     if args.no_progress:
         writers.append(ProgressWriter(sys.stdout, bar=False))
-    callbacks = [WriterCallback(*writers)]
-    if args.checkpoint_every:
-        callbacks.append(CheckpointCallback(trainer, logdir / "checkpoints", args.checkpoint_every))
-    history = trainer.fit(
-        task.train, epochs=epochs, validation_data=task.validation, callbacks=callbacks, progress=not args.no_progress
-    )
+    try:
+        history = trainer.fit(
+            task.train,
+            epochs=epochs,
+            validation_data=task.validation,
+            callbacks=[WriterCallback(*writers)],
+            progress=not args.no_progress,
+            checkpoint_dir=logdir / "checkpoints",
+            checkpoint_every=args.checkpoint_every,
+        )
+    except TrainingInterrupted as stop:
+        again = list(sys.argv[1:] if argv is None else argv)
+        if args.logdir is None:
+            again += ["--logdir", str(logdir)]
+        command = shlex.join(["python", str(Path(__file__)), *again])
+        print(f"\n{stop}\nTo resume, run the same command with the same --logdir:\n  {command}", flush=True)
+        raise SystemExit(128 + stop.signum) from None
     if task.validation is not None:
         results = trainer.evaluate(task.validation)
     else:

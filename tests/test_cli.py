@@ -122,6 +122,22 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
     assert "Epoch 3/3 - 5 steps" in out and f"Run directory: {logdir}" in out and "answer" in out
 
 
+def test_same_command_with_same_logdir_resumes(task_file, tmp_path):
+    """A finished 2-epoch run rerun with --epochs 3 trains only epoch 3; the files hold all 3 epochs and the weights
+    equal a 3-epoch run's."""
+    base = ["--task", str(task_file), "--batch-size", "16", "--no-progress", "--checkpoint-every", "4"]
+    _cli().main([*base, "--epochs", "2", "--logdir", str(tmp_path / "a")])
+    resumed = _cli().main([*base, "--epochs", "3", "--logdir", str(tmp_path / "a")])
+    straight = _cli().main([*base, "--epochs", "3", "--logdir", str(tmp_path / "b")])
+    assert resumed.history == straight.history and len(resumed.history["loss"]) == 3
+    rows = list(csv.DictReader((tmp_path / "a" / "history.csv").open()))
+    assert [float(r["loss"]) for r in rows] == straight.history["loss"]
+    first, second = (tf.train.load_checkpoint(str(tmp_path / d / "checkpoints")) for d in ("a", "b"))
+    for name in second.get_variable_to_shape_map():
+        if name.startswith("model_variables/"):
+            np.testing.assert_array_equal(first.get_tensor(name), second.get_tensor(name))
+
+
 def test_mirrored_strategy_flag_trains(task_file, tmp_path):
     run = _cli().main(
         ["--task", str(task_file), "--strategy", "mirrored", "--logdir", str(tmp_path / "m"), "--no-progress"]

@@ -1,7 +1,7 @@
 """tapeloop's training loop: ``Trainer`` and the parts it composes."""
 
 from trainer.callbacks import History
-from trainer.checkpoints import CheckpointCallback
+from trainer.checkpoints import TrainingInterrupted
 from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
 from trainer.plots import PlotWriter, plot_history
 from trainer.task import Task
@@ -10,7 +10,6 @@ from trainer.writers import CSVWriter, Every, MultiWriter, ProgressWriter, Tenso
 
 __all__ = [
     "CSVWriter",
-    "CheckpointCallback",
     "DataError",
     "Every",
     "History",
@@ -24,6 +23,7 @@ __all__ = [
     "Task",
     "TensorBoardWriter",
     "Trainer",
+    "TrainingInterrupted",
     "Writer",
     "WriterCallback",
     "plot_history",

@@ -24,6 +24,11 @@ class History(keras.callbacks.Callback):
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
 
+    def restore(self, history: Mapping[str, list[float]]) -> None:
+        """Start from the epochs of a resumed run."""
+        self.history = {key: list(values) for key, values in history.items()}
+        self.epoch = list(range(max(map(len, self.history.values()), default=0)))
+
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.epoch.append(epoch)
         for key, value in (logs or {}).items():

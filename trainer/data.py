@@ -65,7 +65,8 @@ class Data:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.with_targets = with_targets
-        if isinstance(source, tf.data.Dataset):
+        self.is_dataset = isinstance(source, tf.data.Dataset)
+        if self.is_dataset:
             if batch_size is not None:
                 raise DataError(
                     f"{what}: batch_size applies to numpy input only; a tf.data.Dataset is batched already."

@@ -1,20 +1,26 @@
-"""Training epochs over one data source: a fresh pass per epoch, or one iterator running on (``steps_per_epoch``).
+"""The epoch loop of ``fit``: epochs over one data source, checkpoints, resume and preemption.
 
-The runner decides which batches an epoch sees; the Trainer's ``_run_blocks`` runs them in compiled blocks.
+``EpochRunner`` decides which batches an epoch sees (a fresh pass per epoch, or with ``steps_per_epoch`` one iterator
+running on) and keeps the data :class:`Position` a checkpoint records. ``FitLoop`` runs the epochs: it restores the
+latest checkpoint first (``epochs`` is an absolute target), writes checkpoints on their step period, and on
+SIGTERM/SIGINT finishes the block, writes a checkpoint and raises :class:`TrainingInterrupted`. The Trainer's
+``_run_blocks`` runs the batches in compiled blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
-from trainer.callbacks import CallbackList
+from trainer.callbacks import CallbackList, History
+from trainer.checkpoints import Checkpointer, Position, Preemption, TrainingInterrupted
 from trainer.data import Data
 from trainer.errors import DataError
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
 
-__all__ = ["EpochRunner"]
+__all__ = ["EpochRunner", "FitLoop"]
 
 
 class EpochRunner:
@@ -25,41 +31,144 @@ class EpochRunner:
         self.data = data
         self.steps_per_epoch = steps_per_epoch
         self.iterator: Any = None
+        self.position = Position()
 
-    def epoch(self, epoch: int, cbs: CallbackList) -> dict[str, float]:
-        trainer = self.trainer
-        logs: dict[str, float] = {}
+    def make_iterator(self, pass_epoch: int, pass_position: int, restored_by_checkpoint: bool) -> Any:
+        """The iterator of a saved position: numpy input skips to it; a dataset's iterator is restored later."""
+        if pass_epoch < 0:
+            return None
+        dataset = self.data.dataset(pass_epoch)
+        if not self.data.is_dataset:
+            dataset = dataset.skip(pass_position)
+        elif not restored_by_checkpoint:
+            raise DataError("the checkpoint holds no data iterator for its position; it was not written by this data.")
+        return self.trainer._distribute(dataset)
 
-        def on_block(event: str, index: int, block_logs: dict[str, float] | None) -> None:
-            if event == "end":
-                logs.clear()
-                logs.update(block_logs)
-            getattr(cbs, f"on_train_batch_{event}")(index, block_logs)
+    def resume(self, position: Position, iterator: Any) -> None:
+        self.position, self.iterator = position, iterator
 
-        if self.steps_per_epoch is None:
-            done, _ = trainer._run_blocks(
-                "train", trainer._distribute(self.data.dataset(epoch)), self.data.steps, on_block, known_length=True
-            )
-            if done == 0:
-                raise DataError("training data is empty: the first epoch ran no step.")
-            return logs
-        done = 0
-        while done < self.steps_per_epoch:
+    def saved_iterator(self) -> Any:
+        """What a checkpoint stores of the data: a dataset's iterator (numpy input needs only the position)."""
+        return self.iterator if self.data.is_dataset else None
+
+    def epoch(self, epoch: int, cbs: CallbackList, after_block) -> None:
+        """Run one epoch's training steps (the rest of it, when resumed mid-epoch)."""
+        trainer, pos = self.trainer, self.position
+        if pos.epoch != epoch:
+            pos.epoch, pos.epoch_steps = epoch, 0
+        limit = self.steps_per_epoch or self.data.steps  # None: until the data ends
+        per_epoch = self.steps_per_epoch is None
+        while limit is None or pos.epoch_steps < limit:
             fresh = self.iterator is None
             if fresh:
                 self.iterator = trainer._distribute(self.data.dataset(epoch))
-            ran, ended = trainer._run_blocks(
-                "train", self.iterator, self.steps_per_epoch - done, _offset(on_block, done)
-            )
-            done += ran
-            if ended:
-                self.iterator = None  # finite data: the next block starts a new pass
-                if ran == 0 and fresh:
+                pos.pass_epoch, pos.pass_position = epoch, 0
+            offset = pos.epoch_steps
+
+            def on_block(event: str, index: int, logs: dict[str, float] | None, offset: int = offset) -> None:
+                getattr(cbs, f"on_train_batch_{event}")(index + offset, logs)
+
+            def advanced(ran: int) -> None:
+                pos.epoch_steps += ran
+                pos.pass_position += ran
+                after_block()
+
+            budget = None if limit is None else limit - pos.epoch_steps
+            known = per_epoch and limit is not None  # the pass holds exactly `budget` more batches
+            _, ended = trainer._run_blocks("train", self.iterator, budget, on_block, advanced, known_length=known)
+            if ended or per_epoch:
+                if pos.pass_position == 0:
                     raise DataError("training data is empty: a pass over it yielded no batch.")
-            if trainer._stop.stop_training:
+                if ended:
+                    self.iterator = None  # finite data: the next block starts a new pass
+            if per_epoch or trainer._stop.stop_training:
                 break
+        if per_epoch:
+            self.iterator = None
+            pos.pass_epoch, pos.pass_position = -1, 0
+
+    def next_epoch(self) -> None:
+        self.position.epoch += 1
+        self.position.epoch_steps = 0
+
+
+class FitLoop:
+    """One ``fit`` call's epochs, with optional checkpoints (``checkpoint_dir``) and resume."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        runner: EpochRunner,
+        val: Data | None,
+        cbs: CallbackList,
+        history: History,
+        checkpointer: Checkpointer | None,
+    ) -> None:
+        self.trainer = trainer
+        self.runner = runner
+        self.val = val
+        self.cbs = cbs
+        self.history = history
+        self.checkpointer = checkpointer
+        self.preemption: Preemption | None = None
+        self._saved_step = -1
+
+    def _save(self) -> str | None:
+        if self.checkpointer is None:
+            return None
+        if self._saved_step != self.trainer.global_step or self.checkpointer.last_saved is None:
+            self.checkpointer.save(self.runner.position, self.history.history, self.runner.saved_iterator())
+            self._saved_step = self.trainer.global_step
+        return self.checkpointer.last_saved
+
+    def _check_preemption(self) -> None:
+        if self.preemption is not None and self.preemption.signum is not None:
+            raise TrainingInterrupted(self.preemption.signum, self.trainer.global_step, self._save())
+
+    def after_block(self) -> None:
+        """After each training block and its callbacks: a checkpoint when due, then a pending signal."""
+        every = self.checkpointer.every_n_steps if self.checkpointer else None
+        step = self.trainer.global_step
+        if every and step % every == 0 and step != self._saved_step:
+            self._save()
+        self._check_preemption()
+
+    def restore(self) -> int:
+        """Restore the latest checkpoint, if any; returns the first epoch to run."""
+        if self.checkpointer is None:
+            return 0
+        restored = self.checkpointer.restore(self.runner.make_iterator)
+        if restored is None:
+            return 0
+        position, past, iterator = restored
+        self.runner.resume(position, iterator)
+        self.history.restore(past)
+        self._saved_step = self.trainer.global_step
+        for callback in self.cbs.callbacks:
+            if hasattr(callback, "on_resume"):
+                callback.on_resume(past, self.trainer.global_step, position.epoch_steps)
+        return position.epoch
+
+    def run(self, epochs: int) -> dict[str, float]:
+        trainer, cbs, runner = self.trainer, self.cbs, self.runner
+        first = self.restore()
+        logs: dict[str, float] = {}
+        signals = Preemption() if self.checkpointer is not None else contextlib.nullcontext()
+        with signals as self.preemption:
+            cbs.on_train_begin(None)
+            for epoch in range(first, epochs):
+                if not (epoch == runner.position.epoch and runner.position.epoch_steps > 0):
+                    trainer._reset_epoch()  # a resumed epoch keeps its restored trackers
+                cbs.on_epoch_begin(epoch, None)
+                runner.epoch(epoch, cbs, self.after_block)
+                logs = trainer._epoch_logs()
+                if self.val is not None:
+                    logs.update({f"val_{k}": v for k, v in trainer._evaluate(self.val, cbs).items()})
+                cbs.on_epoch_end(epoch, logs)
+                runner.next_epoch()
+                if trainer._stop.stop_training:
+                    break
+                self._check_preemption()
+            cbs.on_train_end(logs)
+            self._save()
         return logs
-
-
-def _offset(on_block, offset: int):
-    return lambda event, index, logs: on_block(event, index + offset, logs)

@@ -38,14 +38,26 @@ class DataError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss component was NaN or infinite; no update was applied for that step."""
+    """A loss component was NaN or infinite; no update was applied for that step.
 
-    def __init__(self, keys: Sequence[str], step: int, values: dict[str, float]) -> None:
+    With ``nan_policy="skip"`` it is raised after more than ``limit`` non-finite steps in a row (``skipped``).
+    """
+
+    def __init__(
+        self, keys: Sequence[str], step: int, values: dict[str, float], *, skipped: int = 0, limit: int | None = None
+    ) -> None:
         shown = ", ".join(f"{k}={values[k]}" for k in keys)
-        super().__init__(
-            f"Non-finite loss at training step {step}: {shown}. The update of that step was not applied; the "
-            f"weights are those after step {step - 1}. All components at that step: {values}."
-        )
+        if limit is None:
+            message = (
+                f"Non-finite loss at training step {step}: {shown}. The update of that step was not applied; the "
+                f"weights are those after step {step - 1}. All components at that step: {values}."
+            )
+        else:
+            message = (
+                f"{skipped} consecutive non-finite training steps, up to step {step} (max_consecutive_skips={limit}); "
+                f"at the last one: {shown}. None of their updates was applied. All components at that step: {values}."
+            )
+        super().__init__(message)
         self.keys = list(keys)
         self.step = step
         self.values = values

@@ -51,6 +51,9 @@ class PlotWriter(Writer):
         self.path = os.fspath(path)
         self.history: dict[str, list[float]] = {}
 
+    def resume(self, history: Mapping[str, Sequence[float]], step: int) -> None:
+        self.history = {key: [float(v) for v in values] for key, values in history.items()}
+
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
         for key, value in scalars.items():
             self.history.setdefault(key, []).append(float(value))

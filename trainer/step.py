@@ -2,14 +2,16 @@
 
 ``Steps`` builds two functions once and caches them: a training block and an evaluation block. Each runs up to
 ``num_steps`` steps in one ``tf.while_loop``; ``num_steps`` is a tensor, so any block length reuses one trace.
-A block stops early when the data ends or a loss component is non-finite; it returns how many steps ran and the
-trackers' values, which the host reads once per block.
+A block stops early when the data ends or a loss component is non-finite (``nan_policy="raise"``; with ``"skip"``
+the bad step's update is skipped and counted, and the block stops only after more than ``max_consecutive_skips``
+skips in a row); it returns how many steps ran and the trackers' values, which the host reads once per block.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -21,9 +23,22 @@ from trainer.objective import TOTAL, Objective
 from trainer.structure import batch_size_of
 from trainer.tracking import Tracker
 
-__all__ = ["BlockResult", "Steps"]
+__all__ = ["BlockInfo", "BlockResult", "Steps"]
 
 BlockResult = tf.Tensor  # one float32 vector; Steps.unpack splits it
+
+
+@dataclass
+class BlockInfo:
+    """What the host learns from one block."""
+
+    ran: int  # steps run (batches consumed)
+    more: bool  # the data did not end
+    skipped: int  # (skip policy) non-finite steps skipped this epoch
+    consecutive: int  # (skip policy) non-finite steps in a row, up to the block's end
+    finite: np.ndarray  # per logged loss key: finite at the last step
+    values: np.ndarray  # per logged loss key: value at the last step
+    logs: dict[str, float]  # tracker results
 
 
 class Steps:
@@ -41,6 +56,8 @@ class Steps:
         jit_compile: compile each step with XLA.
         run_eagerly: run everything eagerly (for debugging; slow).
         output_hint: extra text for a missing output name (see ``structure.output_hint``).
+        nan_policy: ``"raise"`` (stop at a non-finite step) or ``"skip"`` (skip its update, count it).
+        max_consecutive_skips: (skip) stop after more than this many non-finite steps in a row.
     """
 
     def __init__(
@@ -57,6 +74,8 @@ class Steps:
         jit_compile: bool,
         run_eagerly: bool,
         output_hint: Callable[[str], str] | None = None,
+        nan_policy: str = "raise",
+        max_consecutive_skips: int = 10,
     ) -> None:
         self._forward = forward
         self._regularization = regularization
@@ -71,6 +90,12 @@ class Steps:
         self.traces: Counter[str] = Counter()  # incremented only while tracing: a test counts retraces
 
         self._run_eagerly = run_eagerly
+        self._skip = nan_policy == "skip"
+        self._max_skips = max_consecutive_skips
+        # Skipped-step counters (skip policy): this epoch's total and the current run of consecutive skips.
+        with strategy.scope():
+            self.skipped = tf.Variable(0, trainable=False, name="skipped_steps")
+            self.consecutive = tf.Variable(0, trainable=False, name="consecutive_skips")
 
         def compiled(fn: Callable, **kwargs: Any) -> Callable:
             return fn if run_eagerly else tf.function(fn, **kwargs)
@@ -178,35 +203,53 @@ class Steps:
         self.traces[mode] += 1
         k = len(self.loss_keys)
 
-        def cond(i, more, finite, values):
-            return tf.logical_and(tf.logical_and(i < num_steps, more), tf.reduce_all(finite))
+        def cond(i, more, finite, values, skipped, consecutive):
+            go = tf.logical_and(i < num_steps, more)
+            return tf.logical_and(go, consecutive <= self._max_skips if self._skip else tf.reduce_all(finite))
 
         # Loss weights change only between blocks (from the host), so they are read once per block.
         weights = self._objective.weight_vector()
 
-        def run(i, batch):
+        def run(i, batch, skipped, consecutive):
             ok, last = step(batch, weights)
-            return i + tf.cast(tf.reduce_all(ok), tf.int32), tf.constant(True), ok, last
+            good = tf.reduce_all(ok)
+            if self._skip:  # a skipped step still consumed its batch: it counts as a step
+                bad = 1 - tf.cast(good, tf.int32)
+                return i + 1, tf.constant(True), ok, last, skipped + bad, (consecutive + 1) * bad
+            return i + tf.cast(good, tf.int32), tf.constant(True), ok, last, skipped, consecutive
 
-        def body(i, more, finite, values):
+        def body(i, more, finite, values, skipped, consecutive):
             if exact:
-                return run(i, next(iterator))
+                return run(i, next(iterator), skipped, consecutive)
             optional = iterator.get_next_as_optional()
             return tf.cond(
                 optional.has_value(),
-                lambda: run(i, optional.get_value()),
-                lambda: (i, tf.constant(False), finite, values),
+                lambda: run(i, optional.get_value(), skipped, consecutive),
+                lambda: (i, tf.constant(False), finite, values, skipped, consecutive),
             )
 
         start = (tf.constant(0), tf.constant(True), tf.ones([k], tf.bool), tf.zeros([k], tf.float32))
-        ran, more, finite, values = tf.while_loop(cond, body, start)
+        ran, more, finite, values, skipped, consecutive = tf.while_loop(
+            cond, body, (*start, self.skipped.read_value(), self.consecutive.read_value())
+        )
+        if self._skip and mode == "train":
+            self.skipped.assign(skipped)
+            self.consecutive.assign(consecutive)
         logs = self._trackers[mode].result()
         # One float vector, so that the host reads everything with a single copy (see ``unpack``).
-        head = tf.cast(tf.stack([ran, tf.cast(more, tf.int32)]), tf.float32)
+        head = tf.cast(tf.stack([ran, tf.cast(more, tf.int32), skipped, consecutive]), tf.float32)
         return tf.concat([head, tf.cast(finite, tf.float32), values, tf.stack(list(logs.values()))], axis=0)
 
-    def unpack(self, mode: str, block: np.ndarray) -> tuple[int, bool, np.ndarray, np.ndarray, dict[str, float]]:
-        """Split a block's vector: (steps run, data left, finite flags, last loss values, {key: tracker value})."""
+    def unpack(self, mode: str, block: np.ndarray) -> BlockInfo:
+        """Split a block's vector (see :class:`BlockInfo`)."""
         k = len(self.loss_keys)
-        logs = dict(zip(self._trackers[mode].keys, block[2 + 2 * k :].tolist()))
-        return int(block[0]), bool(block[1]), block[2 : 2 + k] > 0, block[2 + k : 2 + 2 * k], logs
+        logs = dict(zip(self._trackers[mode].keys, block[4 + 2 * k :].tolist()))
+        return BlockInfo(
+            ran=int(block[0]),
+            more=bool(block[1]),
+            skipped=int(block[2]),
+            consecutive=int(block[3]),
+            finite=block[4 : 4 + k] > 0,
+            values=block[4 + k : 4 + 2 * k],
+            logs=logs,
+        )

@@ -6,7 +6,7 @@ stop. The inner loop lives in ``trainer/step.py``.
 
 from __future__ import annotations
 
-import inspect
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,45 +17,19 @@ import tensorflow as tf
 
 from trainer.blocks import AUTO, BlockSizer, steps_to_boundary
 from trainer.callbacks import CallbackList, History, callback_model
+from trainer.checkpoints import Checkpointer
 from trainer.data import Data
-from trainer.epochs import EpochRunner
+from trainer.epochs import EpochRunner, FitLoop
 from trainer.errors import DataError, NonFiniteLossError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
-from trainer.step import Steps
+from trainer.options import NAN_POLICIES, accepts_training, make_optimizer, positive_int
+from trainer.step import BlockInfo, Steps
 from trainer.structure import as_output_dict, output_hint
 from trainer.tracking import Tracker
 from trainer.writers import ProgressWriter, WriterCallback
 
 __all__ = ["Trainer"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
-
-
-def _make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        return optimizer
-    if isinstance(optimizer, str):
-        try:
-            return keras.optimizers.get(optimizer)
-        except ValueError:
-            known = sorted(n.lower() for n in dir(keras.optimizers) if n[:1].isupper() and n != "Optimizer")
-            raise ValueError(f"Unknown optimizer {optimizer!r}; known names: {', '.join(known)}.") from None
-    raise TypeError(f"`optimizer` must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
-
-
-def _accepts_training(model: Any) -> bool:
-    if isinstance(model, keras.layers.Layer):
-        return True
-    try:
-        params = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "training" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class Trainer:
@@ -75,6 +49,10 @@ class Trainer:
         strategy: a ``tf.distribute.Strategy``; None is the default strategy. Create the model in its scope.
         run_eagerly: run the step eagerly, for debugging with print/pdb.
         seed: base seed for shuffling numpy input (default: drawn from NumPy's global generator).
+        nan_policy: ``"raise"`` (default): a non-finite loss component stops training with an error naming it and
+            the step, that step's update not applied. ``"skip"``: the step's update is skipped and counted
+            (``skipped_steps`` in the logs); more than ``max_consecutive_skips`` in a row raise.
+        max_consecutive_skips: see ``nan_policy``.
 
     Raises:
         ValueError, TypeError: an option is invalid; the message quotes it.
@@ -93,6 +71,8 @@ class Trainer:
         strategy: tf.distribute.Strategy | None = None,
         run_eagerly: bool = False,
         seed: int | None = None,
+        nan_policy: str = "raise",
+        max_consecutive_skips: int = 10,
     ) -> None:
         if not callable(model):
             raise TypeError(f"`model` must be callable (a keras.Model, tf.Module or function), got {model!r}.")
@@ -103,10 +83,14 @@ class Trainer:
                 raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
         if jit_compile and run_eagerly:
             raise ValueError("`jit_compile=True` and `run_eagerly=True` exclude each other; choose one.")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"`nan_policy` must be one of {', '.join(map(repr, NAN_POLICIES))}; got {nan_policy!r}.")
+        self.nan_policy = nan_policy
+        self.max_consecutive_skips = positive_int("max_consecutive_skips", max_consecutive_skips)
         self.model = model
         if steps_per_execution != AUTO:
             try:
-                steps_per_execution = _positive_int("steps_per_execution", steps_per_execution)
+                steps_per_execution = positive_int("steps_per_execution", steps_per_execution)
             except ValueError:
                 raise ValueError(
                     f"`steps_per_execution` must be a positive int or 'auto', got {steps_per_execution!r}."
@@ -116,11 +100,11 @@ class Trainer:
         self.run_eagerly = run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.optimizer = _make_optimizer(optimizer)
+            self.optimizer = make_optimizer(optimizer)
         self._objective = Objective(loss, loss_weights)
         self._metrics = MetricSpec(metrics)
         self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
-        self._training_arg = _accepts_training(model)
+        self._training_arg = accepts_training(model)
         self._hint = output_hint(model)
         self._trackers: dict[str, Tracker] = {}
         self._steps: Steps | None = None
@@ -203,6 +187,8 @@ class Trainer:
                 jit_compile=self.jit_compile,
                 run_eagerly=self.run_eagerly,
                 output_hint=self._hint,
+                nan_policy=self.nan_policy,
+                max_consecutive_skips=self.max_consecutive_skips,
             )
 
     def _count(self, n: int) -> tf.Tensor:
@@ -227,12 +213,14 @@ class Trainer:
         progress: bool = True,
         batch_size: int | None = None,
         shuffle: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
     ) -> History:
-        """Train for ``epochs`` epochs; return a ``History`` whose ``history`` is ``{key: [value per epoch]}``.
+        """Train until epoch ``epochs``; return a ``History`` whose ``history`` is ``{key: [value per epoch]}``.
 
         Args:
             train: a ``tf.data.Dataset`` of ``(inputs, {name: target})`` batches, or numpy ``(x, {name: array})``.
-            epochs: number of epochs.
+            epochs: the epoch to train to (absolute: a resumed fit trains only what is left).
             validation_data: the same forms; evaluated after every epoch, logged with the prefix ``val_``.
             steps_per_epoch: steps per epoch; with it, one iterator runs on across epochs (restarting at the end of
                 finite data). Required for an infinite dataset.
@@ -240,16 +228,26 @@ class Trainer:
             progress: show a progress bar per epoch.
             batch_size: batch size of numpy input (default 32).
             shuffle: reshuffle numpy input each epoch.
+            checkpoint_dir: write resumable checkpoints here (the last 3 are kept) and resume from the latest
+                readable one at the start; SIGTERM/SIGINT then end the block, write one and raise
+                ``TrainingInterrupted``.
+            checkpoint_every: (with ``checkpoint_dir``) a checkpoint every this many steps; one is always written
+                at the end of training.
 
         Raises:
             DataError: empty data, wrong structure, arrays of different lengths.
             MissingKeyError: a loss or metric reads an output or target that does not exist.
             ShapeMismatchError: an output and its target cannot be compared.
             NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
+            TrainingInterrupted: SIGTERM/SIGINT arrived (with ``checkpoint_dir``); the run can be resumed.
         """
-        epochs = _positive_int("epochs", epochs)
+        epochs = positive_int("epochs", epochs)
         if steps_per_epoch is not None:
-            steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+            steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
+        if checkpoint_every is not None:
+            checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
         data = Data(train, what="training data", batch_size=batch_size, shuffle=shuffle, seed=self._seed)
         if data.infinite and steps_per_epoch is None:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
@@ -259,29 +257,31 @@ class Trainer:
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
             self._check_structure(val)  # validation runs after an epoch of updates: check it now
+        checkpointer = None if checkpoint_dir is None else Checkpointer(self, checkpoint_dir, checkpoint_every)
         history = History()
         writers = [WriterCallback(ProgressWriter())] if progress else []
-        target = self._stop = callback_model(self.model, self.optimizer)
+        self._stop = callback_model(self.model, self.optimizer)
         steps = steps_per_epoch or data.steps
-        cbs = CallbackList([*callbacks, history, *writers], model=target, params={"epochs": epochs, "steps": steps})
-        self._periods = sorted({p for cb in cbs.callbacks for p in getattr(cb, "step_periods", list)()})
-        logs: dict[str, float] = {}
-        run = EpochRunner(self, data, steps_per_epoch)
+        cbs = CallbackList([*callbacks, history, *writers], model=self._stop, params={"epochs": epochs, "steps": steps})
+        periods = [p for cb in [*cbs.callbacks, checkpointer] if cb for p in getattr(cb, "step_periods", list)()]
+        self._periods = sorted(set(periods))
+        loop = FitLoop(self, EpochRunner(self, data, steps_per_epoch), val, cbs, history, checkpointer)
         try:
-            cbs.on_train_begin(None)
-            for epoch in range(epochs):
-                self._trackers["train"].reset()
-                cbs.on_epoch_begin(epoch, None)
-                logs = run.epoch(epoch, cbs)
-                if val is not None:
-                    logs.update({f"val_{k}": v for k, v in self._evaluate(val, cbs).items()})
-                cbs.on_epoch_end(epoch, logs)
-                if target.stop_training:
-                    break
-            cbs.on_train_end(logs)
+            loop.run(epochs)
         finally:
             cbs.teardown()
         return history
+
+    def _reset_epoch(self) -> None:
+        self._trackers["train"].reset()
+        self._steps.skipped.assign(0)
+
+    def _epoch_logs(self) -> dict[str, float]:
+        """The epoch's training logs: every tracker (one host read); ``skipped_steps`` with ``nan_policy="skip"``."""
+        logs = {k: float(v) for k, v in self._trackers["train"].result().items()}
+        if self.nan_policy == "skip":
+            logs["skipped_steps"] = float(self._steps.skipped.numpy())
+        return logs
 
     def _check_structure(self, data: Data) -> None:
         """Run the objective once on another source's first batch: its targets must carry what the losses read."""
@@ -292,10 +292,11 @@ class Trainer:
         self._metrics.callable_values(outputs, targets, self._hint)
 
     def _run_blocks(
-        self, mode: str, iterator: Any, budget: int | None, on_block, *, known_length: bool = False
+        self, mode: str, iterator: Any, budget: int | None, on_block, advanced=None, *, known_length: bool = False
     ) -> tuple[int, bool]:
         """Run compiled blocks until ``budget`` steps ran or the data ended; returns (steps run, data ended).
 
+        ``on_block(event, index, logs)`` brackets each block (batch callbacks); ``advanced(ran)`` runs after it.
         ``known_length``: the iterator holds at least ``budget`` more batches (the faster exact loop is safe).
         """
         steps = self._steps
@@ -308,21 +309,31 @@ class Trainer:
             on_block("begin", done, None)
             start = time.perf_counter()
             # The one host sync per block: everything the outer loop needs comes back in a single vector.
-            ran, more, finite, values, logs = steps.unpack(mode, block(iterator, self._count(n)).numpy())
-            sizer.observe(n, ran, time.perf_counter() - start)
+            info = steps.unpack(mode, block(iterator, self._count(n)).numpy())
+            sizer.observe(n, info.ran, time.perf_counter() - start)
             if mode == "train":
-                self.global_step += ran
-            if not finite.all():
-                bad = [k for k, ok in zip(steps.loss_keys, finite) if not ok]
-                raise NonFiniteLossError(bad, self.global_step + 1, dict(zip(steps.loss_keys, values.tolist())))
-            done += ran
-            if ran:
-                on_block("end", done - 1, logs)
-            if not more:
+                self.global_step += info.ran
+                self._raise_if_non_finite(info)
+            done += info.ran
+            if info.ran:
+                on_block("end", done - 1, info.logs)
+            if advanced is not None:
+                advanced(info.ran)
+            if not info.more:
                 return done, True
             if mode == "train" and self._stop.stop_training:
                 break
         return done, False
+
+    def _raise_if_non_finite(self, info: BlockInfo) -> None:
+        values = dict(zip(self._steps.loss_keys, info.values.tolist()))
+        bad = [k for k, ok in zip(self._steps.loss_keys, info.finite) if not ok]
+        if self.nan_policy == "raise" and bad:
+            raise NonFiniteLossError(bad, self.global_step + 1, values)
+        if self.nan_policy == "skip" and info.consecutive > self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                bad, self.global_step, values, skipped=info.consecutive, limit=self.max_consecutive_skips
+            )
 
     # -- evaluate and predict -------------------------------------------------------------------------------------
 

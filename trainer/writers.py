@@ -57,6 +57,10 @@ class Writer:
         """Step periods this writer acts on; training blocks end on their multiples (see trainer/blocks.py)."""
         return []
 
+    def resume(self, history: Mapping[str, list[float]], step: int) -> None:
+        """A resumed fit: ``history`` holds the epochs already done, ``step`` is the global step at which the
+        resumed epoch began (the next ``write_scalars`` steps count on from it)."""
+
 
 class MultiWriter(Writer):
     """Several writers as one."""
@@ -83,6 +87,10 @@ class MultiWriter(Writer):
     def step_periods(self) -> list[int]:
         return [p for writer in self.writers for p in writer.step_periods()]
 
+    def resume(self, history: Mapping[str, list[float]], step: int) -> None:
+        for writer in self.writers:
+            writer.resume(history, step)
+
 
 class ProgressWriter(Writer):
     """A tqdm bar per epoch showing every key; one plain line per epoch when the stream is not a terminal.
@@ -108,6 +116,9 @@ class ProgressWriter(Writer):
         self._epoch_start_step = self._steps_done
         if self.interactive:
             self._bar = tqdm(total=steps, desc=self._epoch_label, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def resume(self, history: Mapping[str, list[float]], step: int) -> None:
+        self._steps_done = step
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._bar is not None:
@@ -139,14 +150,20 @@ class CSVWriter(Writer):
         self._file: IO[str] | None = None
         self._writer: Any = None
         self._keys: list[str] = []
+        self._past: Mapping[str, list[float]] = {}
+
+    def resume(self, history: Mapping[str, list[float]], step: int) -> None:
+        self._past = history  # rewritten first, so the file holds every epoch of the run
 
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
         if self._file is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._file = open(self.path, "w", newline="")  # noqa: SIM115 (closed in close())
-            self._keys = list(scalars)
+            self._keys = list(self._past or scalars)
             self._writer = csv.writer(self._file)
             self._writer.writerow(["epoch", *self._keys])
+            for i in range(max(map(len, self._past.values()), default=0)):
+                self._writer.writerow([i, *(repr(float(self._past[k][i])) for k in self._keys)])
         self._writer.writerow([epoch, *(repr(float(scalars[k])) if k in scalars else "" for k in self._keys)])
         self._file.flush()
 
@@ -177,6 +194,9 @@ class TensorBoardWriter(Writer):
 
     def step_periods(self) -> list[int]:
         return [] if self.every.n is None else [self.every.n]
+
+    def resume(self, history: Mapping[str, list[float]], step: int) -> None:
+        self._last_step = step
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self.every.due(self._last_step, step):
@@ -215,6 +235,11 @@ class WriterCallback(keras.callbacks.Callback):
 
     def step_periods(self) -> list[int]:
         return self.writer.step_periods()
+
+    def on_resume(self, history: Mapping[str, list[float]], global_step: int, epoch_steps: int) -> None:
+        """Called by ``fit`` after restoring a checkpoint, before ``on_train_begin``."""
+        self._step = global_step - epoch_steps
+        self.writer.resume(history, self._step)
 
     def teardown(self) -> None:
         self.writer.close()  # writers' close() is idempotent

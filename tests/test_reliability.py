@@ -1,0 +1,286 @@
+"""Reliability: exact resume after SIGKILL/SIGTERM/a crash, damaged checkpoints, nan_policy, hostile loss returns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from trainer import LossProtocolError, NonFiniteLossError, Trainer
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _worker(directory: Path, out: Path, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(directory), str(out), *extra],
+        env={**ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"worker ended early:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("worker never reached the stall point")
+        time.sleep(0.05)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, out, err
+
+
+def _load(out: Path) -> tuple[list[np.ndarray], dict]:
+    with np.load(out) as saved:
+        weights = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+        return weights, json.loads(str(saved["history"]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[np.ndarray], dict]:
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = _finish(_worker(directory, directory / "out.npz"))
+    assert code == 0, err[-3000:]
+    return _load(directory / "out.npz")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_mid_epoch_then_resumed_is_bit_identical(how, tmp_path, uninterrupted):
+    """Stall at step 13 (epoch 2 of 3, after the checkpoint at step 12), kill, rerun: same bits, same History."""
+    out = tmp_path / "out.npz"
+    process = _worker(tmp_path, out, "--stall-at", "13", env={"STALL_SECONDS": "60" if how == "SIGKILL" else "1"})
+    try:
+        _wait_for(tmp_path / "stalled", process)
+        os.kill(process.pid, getattr(signal, how))
+        code, stdout, err = _finish(process)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    checkpoints = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    names = [Path(p).name for p in checkpoints.all_model_checkpoint_paths]
+    if how == "SIGKILL":
+        assert code == -signal.SIGKILL and names[-1] == "ckpt-12"
+    else:  # the block ends (step 14), a checkpoint is written, a message says how to resume
+        assert code == 128 + signal.SIGTERM, err[-3000:]
+        assert "Training stopped by SIGTERM after step 14" in stdout and "ckpt-14" in stdout
+        assert names[-1] == "ckpt-14"
+    code, _, err = _finish(_worker(tmp_path, out))
+    assert code == 0, err[-3000:]
+    weights, history = _load(out)
+    reference, reference_history = uninterrupted
+    assert all(np.array_equal(a, b) for a, b in zip(weights, reference, strict=True))
+    assert history == reference_history and len(history["loss"]) == 3
+
+
+def _model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
+    """The seed fixes the initial weights and the dropout layer's own RNG seed."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((5,))
+    hidden = keras.layers.Dropout(dropout)(keras.layers.Dense(8, activation="relu")(inp))
+    return keras.Model(inp, keras.layers.Dense(1, name="y")(hidden))
+
+
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, trainer: Trainer, step: int) -> None:
+        super().__init__()
+        self.trainer, self.step = trainer, step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.global_step >= self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _data(n: int = 44):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    return x, {"output": x[:, :1] * 2 - x[:, 1:2]}
+
+
+def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, **kwargs):
+    keras.utils.set_random_seed(5)  # a fresh process would start from here too
+    trainer = Trainer(
+        model, optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, steps_per_execution=2, seed=9
+    )
+    x, y = _data()
+    train = (x, y)
+    if dataset:
+        train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2).batch(6).cache().prefetch(2)
+    callbacks = [_Crash(trainer, crash_at)] if crash_at else []
+    fit_kwargs = {} if dataset else {"batch_size": 6}
+    history = trainer.fit(
+        train, epochs=epochs, callbacks=callbacks, progress=False, checkpoint_dir=directory, **fit_kwargs, **kwargs
+    )
+    return trainer, history
+
+
+@pytest.mark.parametrize("dataset", [False, True], ids=["numpy", "tf.data"])
+def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
+    """Numpy input: shuffle seed + position; a tf.data dataset (shuffle buffer, cache): its iterator's state."""
+    reference = _model()
+    _, ref_history = _fit(reference, tmp_path / "ref", dataset=dataset, checkpoint_every=4)
+    model = _model()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(model, tmp_path / "run", crash_at=10, dataset=dataset, checkpoint_every=4)  # 8 steps per epoch
+    resumed = _model(seed=1)  # other weights and dropout seed: everything must come from the checkpoint
+    trainer, history = _fit(resumed, tmp_path / "run", dataset=dataset, checkpoint_every=4)
+    assert trainer.global_step == 24
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
+    assert history.history == ref_history.history
+
+
+def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):
+    model = _model()
+    trainer, _ = _fit(model, tmp_path, epochs=2)
+    assert trainer.global_step == 16
+    again = _model(seed=1)
+    trainer, history = _fit(again, tmp_path, epochs=2)  # nothing left to do
+    assert trainer.global_step == 16 and len(history.history["loss"]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights(), strict=True))
+    trainer, history = _fit(_model(), tmp_path, epochs=3)  # one more epoch
+    assert trainer.global_step == 24 and len(history.history["loss"]) == 3
+
+
+def test_damaged_latest_checkpoint_warns_and_falls_back(tmp_path):
+    reference = _model()
+    _fit(reference, tmp_path / "ref", checkpoint_every=4)
+    model = _model()
+    with pytest.raises(RuntimeError):
+        _fit(model, tmp_path / "run", crash_at=13, checkpoint_every=4)  # checkpoints 4, 8, 12
+    latest = tf.train.latest_checkpoint(str(tmp_path / "run"))
+    assert latest.endswith("ckpt-12")
+    data = Path(latest + ".data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
+    (tmp_path / "run" / "ckpt-16_temp").mkdir()  # what a kill during a save leaves behind
+    (tmp_path / "run" / "ckpt-16_temp" / "part").write_bytes(b"\0" * 10)
+    resumed = _model(seed=1)
+    with pytest.warns(RuntimeWarning, match=r"ckpt-12 could not be restored .* falling back"):
+        _fit(resumed, tmp_path / "run", checkpoint_every=4)
+    assert not (tmp_path / "run" / "ckpt-16_temp").exists()
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
+
+
+def test_no_readable_checkpoint_is_an_error_naming_them(tmp_path):
+    _fit(_model(), tmp_path, epochs=1)
+    for data in tmp_path.glob("*.data-*"):
+        data.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"No checkpoint in .* could be restored"):
+        _fit(_model(), tmp_path, epochs=2)
+
+
+def test_checkpoint_every_needs_a_directory():
+    trainer = Trainer(_model(), loss={"output": "mse"})
+    with pytest.raises(ValueError, match="`checkpoint_every` needs `checkpoint_dir`"):
+        trainer.fit(_data(), batch_size=4, checkpoint_every=3, progress=False)
+
+
+# -- nan_policy ---------------------------------------------------------------------------------------------------
+
+
+def _poisoned(bad_batches: set[int], batch: int = 4, n: int = 32):
+    """Targets with NaN in the given batches (NaN in the data shows as a non-finite loss at that step)."""
+    x, y = _data(n)
+    y = {"output": y["output"].copy()}
+    for b in bad_batches:
+        y["output"][b * batch] = np.nan
+    return x, y
+
+
+def test_skip_policy_skips_bad_steps_exactly_and_logs_them():
+    """Skipping batches 2 and 5 equals training with SGD on the other batches only."""
+    x, y = _poisoned({2, 5})
+    model = _model(dropout=0.0)  # a skipped step still draws dropout masks: no dropout, to compare exactly
+    clean = helpers.clone(model)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, nan_policy="skip")
+    history = trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert history.history["skipped_steps"] == [2.0] and trainer.global_step == 8
+    assert trainer.optimizer.iterations.numpy() == 6
+    keep = np.concatenate([np.arange(b * 4, b * 4 + 4) for b in range(8) if b not in {2, 5}])
+    ref = Trainer(clean, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, steps_per_execution=1)
+    ref_history = ref.fit((x[keep], {"output": y["output"][keep]}), batch_size=4, shuffle=False, progress=False)
+    for a, b in zip(model.get_weights(), clean.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert history.history["loss"][0] == pytest.approx(ref_history.history["loss"][0], rel=1e-5)  # bad steps untracked
+
+
+def test_skip_policy_raises_after_too_many_consecutive_skips():
+    x, y = _poisoned({1, 2, 3, 4})
+    model = _model()
+    trainer = Trainer(model, loss={"output": "mse"}, nan_policy="skip", max_consecutive_skips=3)
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive non-finite training steps, up to step 5") as info:
+        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert info.value.keys == ["loss", "output"]
+    assert trainer.optimizer.iterations.numpy() == 1
+
+
+def test_nan_in_targets_raises_by_default_naming_component_and_step():
+    x, y = _poisoned({3})
+    model = _model()
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"})
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at training step 4: loss=nan, output=nan"):
+        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert trainer.optimizer.iterations.numpy() == 3
+
+
+def test_unknown_nan_policy_is_rejected():
+    with pytest.raises(ValueError, match="`nan_policy` must be one of 'raise', 'skip'; got 'ignore'"):
+        Trainer(_model(), loss={"output": "mse"}, nan_policy="ignore")
+
+
+# -- hostile loss returns -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (lambda o: None, "loss 'bad' returned None"),
+        (lambda o: o["output"], r"loss 'bad' returned shape \(4, 1\)"),
+        (lambda o: tf.constant(3), "loss 'bad' returned a int32 tensor"),
+        (lambda o: {"a": {"b": tf.reduce_mean(o["output"])}}, "loss 'bad' .*returned a nested dict"),
+        (lambda o: {}, "loss 'bad' returned an empty dict"),
+        (lambda o: {1: tf.reduce_mean(o["output"])}, r"loss 'bad' returned component keys \[1\]"),
+        (lambda o: "0.5", "loss 'bad' returned a string tensor"),
+    ],
+    ids=["None", "non-scalar", "int", "nested", "empty", "int-key", "str"],
+)
+def test_hostile_loss_returns_are_named_before_any_update(value, message):
+    model = _model()
+    before = [w.copy() for w in model.get_weights()]
+    trainer = Trainer(model, loss={"output": "mse", "bad": lambda outputs, targets: value(outputs)})
+    with pytest.raises(LossProtocolError, match=message):
+        trainer.fit(_data(8), batch_size=4, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))
+
+
+def test_seeded_runs_are_identical():
+    """keras.utils.set_random_seed (what --seed does) fixes initial weights, dropout and shuffling."""
+
+    def run():
+        keras.utils.set_random_seed(11)
+        model = _model()
+        Trainer(model, loss={"output": "mse"}, seed=11).fit(_data(), batch_size=8, epochs=2, progress=False)
+        return model.get_weights()
+
+    assert all(np.array_equal(a, b) for a, b in zip(run(), run(), strict=True))
