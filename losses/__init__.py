@@ -2,7 +2,7 @@
 
 from losses import boxes
 from losses.adapters import FunctionLoss, PerOutputLoss, ShapeMismatchError, per_output
-from losses.distributed import global_sum
+from losses.distributed import global_normalizer, global_sum, replica_share
 from losses.evaluation import average_precision, box_iou, mean_average_precision
 from losses.focal import SparseFocalLoss, sparse_focal_loss
 from losses.multibox import MultiBoxLoss, smooth_l1
@@ -23,9 +23,11 @@ __all__ = [
     "box_iou",
     "boxes",
     "components",
+    "global_normalizer",
     "global_sum",
     "mean_average_precision",
     "per_output",
+    "replica_share",
     "smooth_l1",
     "sparse_focal_loss",
 ]

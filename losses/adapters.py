@@ -31,6 +31,9 @@ def _align_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     return y_true, y_pred
 
 
+_KERAS_SCALED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
 class FunctionLoss(keras.losses.Loss):
     """A function ``fn(y_true, y_pred) -> per-example values`` as a Keras ``Loss`` (mean over the batch)."""
 
@@ -159,7 +162,13 @@ class PerOutputLoss:
         loss = self._resolve(y_true, y_pred)
         self._check_shapes(loss, y_true, y_pred)
         weight = None if self.sample_weight is None else targets[self.sample_weight]
-        return loss(y_true, y_pred, sample_weight=weight)
+        value = loss(y_true, y_pred, sample_weight=weight)
+        if getattr(loss, "reduction", None) in _KERAS_SCALED:
+            # Keras divides mean-reduced losses by the strategy's replica count itself (losses/loss.py,
+            # scale_loss_for_distribution); undone here so the value is the plain mean over this replica's share
+            # and the step's one b/B scaling is the only one.
+            value = value * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, value.dtype)
+        return value
 
     def __repr__(self) -> str:
         return f"per_output({self.name!r}, output={self.output!r}, target={self.target!r})"

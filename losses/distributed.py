@@ -1,21 +1,53 @@
-"""Batch-global counts for losses that normalise by a count over the whole batch (SSD: positive anchors).
+"""Batch-global normalisation under ``tf.distribute``: the one convention that makes a distributed step exact.
 
-Under ``tf.distribute`` each replica sees a share of the batch; a loss normalised by a per-replica count gives a
-different update than one device on the same global batch. :func:`global_sum` sums a count over all replicas in a
-replica context (one all-reduce) and is the identity outside one, so the same loss code is exact everywhere.
+Each replica sees ``b`` of the global batch's ``B`` examples (the last batch may split unevenly; a replica may get
+none). Its loss is a mean over its own share, the step differentiates ``loss × b/B`` and gradients are summed over
+replicas: a per-example mean then equals one device's on the same global batch. A loss normalised by a count over
+the whole batch (SSD: positive anchors) divides its local sum by ``max(global count, 1) × b/B`` —
+:func:`global_normalizer` — so that after the step's ``× b/B`` and the sum it is ``Σ local sums / global count``.
+
+All three helpers are the identity outside a replica context and on one replica, so loss code is the same everywhere.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["global_sum"]
+__all__ = ["global_normalizer", "global_sum", "replica_share"]
+
+
+def _context() -> tf.distribute.ReplicaContext | None:
+    context = tf.distribute.get_replica_context()
+    return None if context is None or context.num_replicas_in_sync == 1 else context
 
 
 def global_sum(value: tf.Tensor) -> tf.Tensor:
     """``value`` summed over all replicas in sync (the identity on one device or outside a replica context)."""
     value = tf.convert_to_tensor(value)
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    context = _context()
+    return value if context is None else context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def replica_share(batch_size: tf.Tensor) -> tf.Tensor:
+    """``b / B``: this replica's examples over the global batch's (1.0 on one device)."""
+    batch_size = tf.cast(batch_size, tf.float32)
+    if _context() is None:
+        return tf.ones_like(batch_size)
+    return tf.math.divide_no_nan(batch_size, global_sum(batch_size))
+
+
+def global_normalizer(count: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
+    """What a loss normalised by a batch-global count divides its local sum by: ``max(Σ count, 1) × b/B``.
+
+    Example (a loss averaged over the positive anchors of the whole global batch)::
+
+        local = tf.reduce_sum(per_anchor * positive)
+        divisor = global_normalizer(tf.reduce_sum(positive), tf.shape(positive)[0])
+        return tf.math.divide_no_nan(local, divisor)  # 0 on a replica that got no examples
+
+    On one device this is ``local / max(count, 1)``.
+    """
+    count = tf.convert_to_tensor(count)
+    count = count if count.dtype.is_floating else tf.cast(count, tf.float32)
+    normaliser = tf.maximum(global_sum(count), tf.ones_like(count))
+    return normaliser * tf.cast(replica_share(batch_size), count.dtype)

@@ -3,7 +3,7 @@
 ``loc`` is smooth-L1 (delta 1, summed over the 4 coordinates) over positive anchors. ``conf`` is the softmax
 cross-entropy over positives plus, per image, the hardest negatives ranked by their background cross-entropy,
 k = min(neg_pos_ratio × positives in the image, negatives in the image). Both are divided by max(positives in the
-whole batch, 1), counted with :func:`losses.global_sum` so that a distributed run normalises like one device.
+whole batch, 1), through :func:`losses.global_normalizer`, so that a distributed run normalises like one device.
 Vectorised (a double argsort ranks negatives per image), static shapes: eager, ``tf.function`` and XLA alike.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-from losses.distributed import global_sum
+from losses.distributed import global_normalizer
 from losses.focal import sparse_focal_loss
 
 __all__ = ["MultiBoxLoss", "smooth_l1"]
@@ -63,14 +63,15 @@ class MultiBoxLoss:
         positive = labels > 0
         negative = tf.equal(labels, 0)
         pos_f = tf.cast(positive, tf.float32)
-        normaliser = tf.maximum(global_sum(tf.reduce_sum(pos_f)), 1.0)
+        # max(positives in the global batch, 1) × b/B: exact under tf.distribute (see losses/distributed.py)
+        normaliser = global_normalizer(tf.reduce_sum(pos_f), tf.shape(labels)[0])
 
         loc = tf.reduce_sum(tf.reduce_sum(smooth_l1(box_pred - box_true), axis=-1) * pos_f)
         safe_labels = tf.maximum(labels, 0)
         if self.focal_gamma is not None:
             focal = sparse_focal_loss(safe_labels, logits, gamma=self.focal_gamma, alpha=self.focal_alpha)
             conf = tf.reduce_sum(focal * tf.cast(labels >= 0, tf.float32))
-            return {"loc": loc / normaliser, "conf": conf / normaliser}
+            return {"loc": tf.math.divide_no_nan(loc, normaliser), "conf": tf.math.divide_no_nan(conf, normaliser)}
 
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)  # (B, A)
         background_ce = -tf.nn.log_softmax(logits, axis=-1)[..., 0]
@@ -83,7 +84,7 @@ class MultiBoxLoss:
         k = tf.minimum(tf.floor(self.neg_pos_ratio * positives_per_image), negatives_per_image)
         hard = tf.logical_and(negative, tf.cast(rank, tf.float32) < k)
         conf = tf.reduce_sum(ce * tf.cast(tf.logical_or(positive, hard), tf.float32))
-        return {"loc": loc / normaliser, "conf": conf / normaliser}
+        return {"loc": tf.math.divide_no_nan(loc, normaliser), "conf": tf.math.divide_no_nan(conf, normaliser)}
 
     def __repr__(self) -> str:
         return f"MultiBoxLoss(neg_pos_ratio={self.neg_pos_ratio}, boxes={self.boxes!r}, classes={self.classes!r})"

@@ -16,7 +16,9 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +99,12 @@ def make_strategy(name: str):
     import tensorflow as tf
 
     if name == "multiworker":
-        raise SystemExit(
-            "error: --strategy multiworker is not available yet (it comes with multi-worker support); "
-            "use default or mirrored."
-        )
+        if "TF_CONFIG" not in os.environ:
+            raise SystemExit(
+                "error: --strategy multiworker needs TF_CONFIG (the cluster and this worker's task); launch the "
+                "workers with scripts/launch_workers.py, or see the README's Distributed training section."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy() if name == "mirrored" else tf.distribute.get_strategy()
 
 
@@ -115,8 +119,25 @@ class Run:
 
 def main(argv: list[str] | None = None) -> Run:
     args = parse_args(argv)
+    if args.strategy == "multiworker" and args.logdir is None:
+        raise SystemExit("error: --strategy multiworker needs --logdir (every worker must name the same directory)")
     module = load_task(args.task)
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+    from trainer.cluster import is_chief
+
+    name = Path(args.task).stem
+    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    chief = is_chief(strategy)
+    # Only the chief writes the run directory; other workers write theirs to a temporary one and delete it.
+    run_dir = logdir if chief else Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
+    try:
+        return run(args, argv, module, strategy, name, logdir, run_dir)
+    finally:
+        if not chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) -> Run:
     import keras
     import tensorflow as tf
 
@@ -131,9 +152,7 @@ def main(argv: list[str] | None = None) -> Run:
     )
 
     start = time.perf_counter()
-    name = Path(args.task).stem
-    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    logdir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, data
     tf.config.experimental.enable_op_determinism()  # the same bits on the same machine, run after run
     with strategy.scope():
@@ -151,11 +170,11 @@ def main(argv: list[str] | None = None) -> Run:
     epochs = args.epochs or task.epochs
     config = {**vars(args), "task_file": str(module.__file__), "logdir": str(logdir), "epochs": epochs}
     config["replicas"] = strategy.num_replicas_in_sync
-    (logdir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     writers = [
-        CSVWriter(logdir / "history.csv"),
-        TensorBoardWriter(logdir / "tensorboard", every_n_steps=TENSORBOARD_EVERY),
-        PlotWriter(logdir / "loss_curves.png"),
+        CSVWriter(run_dir / "history.csv"),
+        TensorBoardWriter(run_dir / "tensorboard", every_n_steps=TENSORBOARD_EVERY),
+        PlotWriter(run_dir / "loss_curves.png"),
     ]
     if args.no_progress:
         writers.append(ProgressWriter(sys.stdout, bar=False))
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> Run:
             validation_data=task.validation,
             callbacks=[WriterCallback(*writers)],
             progress=not args.no_progress,
-            checkpoint_dir=logdir / "checkpoints",
+            checkpoint_dir=logdir / "checkpoints",  # the Trainer lets only the chief write there
             checkpoint_every=args.checkpoint_every,
         )
     except TrainingInterrupted as stop:
@@ -182,10 +201,12 @@ def main(argv: list[str] | None = None) -> Run:
         results = {k: v[-1] for k, v in history.history.items()}
     if task.evaluate_extra is not None:
         results.update({k: float(v) for k, v in task.evaluate_extra(trainer, task.validation).items()})
-    (logdir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     if hasattr(task.model, "save_weights"):
-        task.model.save_weights(logdir / "final.weights.h5")
-    print_summary(name, results, task.validation is not None, trainer.global_step, time.perf_counter() - start, logdir)
+        task.model.save_weights(run_dir / "final.weights.h5")
+    if run_dir == logdir:
+        seconds = time.perf_counter() - start
+        print_summary(name, results, task.validation is not None, trainer.global_step, seconds, logdir)
     return Run(results, history.history, logdir)
 
 

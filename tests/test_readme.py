@@ -62,7 +62,7 @@ def test_readme_seed002_example_logs_both_parts():
     assert set(trainer.fit((x, y), batch_size=8, progress=False).history) == {"loss", "bce", "mse"}
 
 
-def test_readme_global_sum_example_matches_numpy():
+def test_readme_global_normalizer_example_matches_numpy():
     masked_mse = _function("masked_mse")
     rng = np.random.default_rng(2)
     pred, depth = rng.normal(size=(2, 5, 5)), rng.normal(size=(2, 5, 5))

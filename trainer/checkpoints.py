@@ -6,11 +6,12 @@ and slots), the losses' own variables, the loss weights, the training trackers (
 same means), the skipped-step counters, the step and epoch counters, the data position and the History so far.
 
 Data position: numpy input is reshuffled from (seed, epoch), so ``(epoch of the pass, batches taken)`` is enough and
-the resumed pass is ``dataset(epoch).skip(batches)``. A ``tf.data.Dataset``'s iterator is saved itself (tf.data
-iterator checkpointing), which also covers shuffle buffers; a fresh epoch starts a fresh iterator as the original run
-did. (A dataset that reshuffles with ``reshuffle_each_iteration=True`` derives each epoch's order from how many
-iterators it made in this process, so its order after a resume at an epoch boundary can differ: build such a
-dataset with ``shuffle(..., seed=..., reshuffle_each_iteration=False)`` per epoch, or pass numpy input.)
+the resumed pass skips that many batches. A ``tf.data.Dataset``'s iterator is saved itself on one replica (tf.data
+iterator checkpointing, which also covers shuffle buffers); a distributed iterator cannot be saved, so under a
+multi-replica strategy the resumed pass replays the stored number of batches. A fresh epoch starts a fresh iterator
+as the original run did. (A ``tf.data`` shuffle's order depends on TensorFlow's global seed and, with
+``reshuffle_each_iteration=True``, on how many iterators the process made: for exact resume across epochs shuffle
+with a seed and ``reshuffle_each_iteration=False``, and resume with the same global seed; or pass numpy input.)
 
 Writes go through ``tf.train.CheckpointManager``: a checkpoint is written under a temporary name and only then named
 in the ``checkpoint`` index, so a process killed mid-save leaves the previous checkpoint as the latest. Reads try
@@ -19,10 +20,12 @@ the newest checkpoint the index names, and fall back to older ones with a warnin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
+
+from trainer.cluster import is_chief
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -92,8 +97,17 @@ class Preemption:
         self._previous.clear()
 
 
-def _scalar(value: int, name: str) -> tf.Variable:
-    return tf.Variable(value, dtype=tf.int64, trainable=False, name=name)
+class RunState(tf.train.experimental.PythonState):
+    """The counters and the History, saved inside the checkpoint as JSON (not variables: nothing to distribute)."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, Any] = {}
+
+    def serialize(self) -> str:
+        return json.dumps(self.value)
+
+    def deserialize(self, string_value: bytes | str) -> None:
+        self.value = json.loads(string_value)
 
 
 class Checkpointer:
@@ -109,15 +123,13 @@ class Checkpointer:
 
     def __init__(self, trainer: Trainer, directory: str | os.PathLike, every_n_steps: int | None, max_to_keep: int = 3):
         self.trainer = trainer
-        self.directory = Path(directory)
+        self.directory = Path(directory)  # read by every worker
+        # Multi-worker: every worker saves (reading variables is a collective), only the chief into `directory`.
+        self.chief = is_chief(trainer.strategy)
+        self.write_directory = self.directory if self.chief else Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
         self.every_n_steps = every_n_steps
         self.max_to_keep = max(2, max_to_keep)
-        with trainer.strategy.scope():
-            self._counters = {
-                name: _scalar(0, name) for name in ("global_step", "epoch", "epoch_steps", "pass_position")
-            }
-            self._counters["pass_epoch"] = _scalar(-1, "pass_epoch")
-            self._history = tf.Variable("{}", dtype=tf.string, trainable=False, name="history")
+        self._run = RunState()
         self.last_saved: str | None = None
 
     def step_periods(self) -> list[int]:
@@ -134,8 +146,7 @@ class Checkpointer:
             "loss_weights": dict(trainer._objective.weights),
             "trackers": trainer._trackers["train"].variables(),
             "skips": [trainer._steps.skipped, trainer._steps.consecutive],
-            "counters": dict(self._counters),
-            "history": self._history,
+            "run": self._run,
         }
         if isinstance(trainer.model, (tf.Module, keras.layers.Layer)):
             state["model"] = trainer.model
@@ -148,18 +159,15 @@ class Checkpointer:
     def save(self, position: Position, history: dict[str, list[float]], iterator: Any = None) -> str:
         """Write a checkpoint of the current state; ``iterator`` is the dataset iterator in use (None for numpy
         input or between epochs). Returns its path."""
-        values = {
+        self._run.value = {
             "global_step": self.trainer.global_step,
-            "epoch": position.epoch,
-            "epoch_steps": position.epoch_steps,
-            "pass_epoch": position.pass_epoch,
-            "pass_position": position.pass_position,
+            "position": dataclasses.asdict(position),
+            "history": history,
         }
-        for name, value in values.items():
-            self._counters[name].assign(value)
-        self._history.assign(json.dumps(history))
         # A manager per save: each checkpoint may or may not hold an iterator. It reads the index it extends.
-        manager = tf.train.CheckpointManager(self._state(iterator), str(self.directory), max_to_keep=self.max_to_keep)
+        manager = tf.train.CheckpointManager(
+            self._state(iterator), str(self.write_directory), max_to_keep=self.max_to_keep
+        )
         self.last_saved = manager.save(checkpoint_number=self.trainer.global_step)
         return self.last_saved
 
@@ -172,9 +180,14 @@ class Checkpointer:
         state = tf.train.get_checkpoint_state(str(self.directory))
         return list(reversed(state.all_model_checkpoint_paths)) if state else []
 
+    def close(self) -> None:
+        """Remove a non-chief worker's temporary directory."""
+        if not self.chief:
+            shutil.rmtree(self.write_directory, ignore_errors=True)
+
     def clean_up(self) -> None:
         """Remove what a process killed mid-save left behind (TensorFlow never deletes ``*_temp`` folders)."""
-        if self.directory.is_dir():
+        if self.chief and self.directory.is_dir():
             for leftover in self.directory.glob("*_temp*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
@@ -189,11 +202,11 @@ class Checkpointer:
         failed: list[str] = []
         for path in self.candidates():
             try:
-                reader = tf.train.load_checkpoint(path)
-                pass_epoch = int(reader.get_tensor("counters/pass_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-                pass_position = int(reader.get_tensor("counters/pass_position/.ATTRIBUTES/VARIABLE_VALUE"))
-                has_iterator = any(name.startswith("iterator/") for name in reader.get_variable_to_shape_map())
-                iterator = make_iterator(pass_epoch, pass_position, has_iterator)
+                tf.train.Checkpoint(run=self._run).read(path).expect_partial()
+                position = Position(**self._run.value["position"])
+                names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+                has_iterator = any(name.startswith("iterator/") for name in names)
+                iterator = make_iterator(position.pass_epoch, position.pass_position, has_iterator)
                 status = self._state(iterator if has_iterator else None).read(path)
                 status.assert_existing_objects_matched()
             except Exception as err:
@@ -205,14 +218,8 @@ class Checkpointer:
                 )
                 failed.append(path)
                 continue
-            self.trainer.global_step = int(self._counters["global_step"].numpy())
-            position = Position(
-                epoch=int(self._counters["epoch"].numpy()),
-                epoch_steps=int(self._counters["epoch_steps"].numpy()),
-                pass_epoch=pass_epoch,
-                pass_position=pass_position,
-            )
-            return position, json.loads(self._history.numpy().decode()), iterator
+            self.trainer.global_step = int(self._run.value["global_step"])
+            return position, self._run.value["history"], iterator
         if failed:
             raise RuntimeError(f"No checkpoint in {self.directory} could be restored; tried {', '.join(failed)}.")
         return None

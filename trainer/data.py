@@ -133,14 +133,25 @@ class Data:
             raise DataError(f"{self.what} is empty: the arrays hold 0 examples.")
         return arrays
 
-    def dataset(self, epoch: int = 0) -> tf.data.Dataset:
-        """The batches of one pass over the data (numpy input: shuffled for ``epoch`` when shuffling)."""
+    def dataset(self, epoch: int = 0, *, skip_batches: int = 0) -> tf.data.Dataset:
+        """The batches of one pass over the data (numpy input: shuffled for ``epoch`` when shuffling).
+
+        ``skip_batches`` (numpy input) starts the pass that many batches in, for a resumed epoch. It skips examples
+        before batching: ``tf.distribute`` rewrites the batch size to split batches over replicas, so a ``skip``
+        after ``batch`` would count per-replica batches.
+        """
         if self._dataset is not None:
+            if skip_batches:
+                raise ValueError("skip_batches applies to numpy input; a dataset's iterator is checkpointed instead.")
             return self._dataset
-        ds = tf.data.Dataset.from_tensor_slices(self._arrays)
+        arrays = self._arrays
         if self.shuffle:
-            ds = ds.shuffle(self.num_examples, seed=self.seed + 1_000_003 * epoch, reshuffle_each_iteration=False)
-        ds = ds.batch(self.batch_size).prefetch(2)
+            # The order is a pure function of (seed, epoch) — NumPy's, not tf.data's shuffle, whose order also
+            # depends on TensorFlow's global seed — so a resumed process sees the same epoch whatever it seeded.
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            arrays = tf.nest.map_structure(lambda a: a[order], arrays)
+        ds = tf.data.Dataset.from_tensor_slices(arrays)
+        ds = ds.skip(skip_batches * self.batch_size).batch(self.batch_size).prefetch(2)
         options = tf.data.Options()
         # A fixed prefetch without autotune: autotune can stall 9-39 s when an epoch stops early (PITFALLS.md).
         options.autotune.enabled = False

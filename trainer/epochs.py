@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+import tensorflow as tf
+
 from trainer.callbacks import CallbackList, History
 from trainer.checkpoints import Checkpointer, Position, Preemption, TrainingInterrupted
+from trainer.cluster import is_multi_worker
 from trainer.data import Data
 from trainer.errors import DataError
 
@@ -34,22 +37,26 @@ class EpochRunner:
         self.position = Position()
 
     def make_iterator(self, pass_epoch: int, pass_position: int, restored_by_checkpoint: bool) -> Any:
-        """The iterator of a saved position: numpy input skips to it; a dataset's iterator is restored later."""
+        """The iterator of a saved position: numpy input skips to it; a dataset's iterator is restored by the
+        checkpoint, or — a distributed iterator cannot be checkpointed — replays ``pass_position`` batches."""
         if pass_epoch < 0:
             return None
-        dataset = self.data.dataset(pass_epoch)
         if not self.data.is_dataset:
-            dataset = dataset.skip(pass_position)
-        elif not restored_by_checkpoint:
-            raise DataError("the checkpoint holds no data iterator for its position; it was not written by this data.")
-        return self.trainer._distribute(dataset)
+            return self.trainer._distribute(self.data.dataset(pass_epoch, skip_batches=pass_position))
+        iterator = self.trainer._distribute(self.data.dataset(pass_epoch))
+        if not restored_by_checkpoint:
+            for _ in range(pass_position):  # reads the batches again, computes nothing
+                next(iterator)
+        return iterator
 
     def resume(self, position: Position, iterator: Any) -> None:
         self.position, self.iterator = position, iterator
 
     def saved_iterator(self) -> Any:
-        """What a checkpoint stores of the data: a dataset's iterator (numpy input needs only the position)."""
-        return self.iterator if self.data.is_dataset else None
+        """What a checkpoint stores of the data: a dataset's iterator when it can be checkpointed (one replica);
+        otherwise the position alone (numpy input; a distributed iterator)."""
+        trackable = isinstance(self.iterator, tf.__internal__.tracking.Trackable)
+        return self.iterator if self.data.is_dataset and trackable else None
 
     def epoch(self, epoch: int, cbs: CallbackList, after_block) -> None:
         """Run one epoch's training steps (the rest of it, when resumed mid-epoch)."""
@@ -153,8 +160,10 @@ class FitLoop:
         trainer, cbs, runner = self.trainer, self.cbs, self.runner
         first = self.restore()
         logs: dict[str, float] = {}
-        signals = Preemption() if self.checkpointer is not None else contextlib.nullcontext()
-        with signals as self.preemption:
+        # Under multi-worker a signal reaches workers at different steps; stopping one alone would stall the others'
+        # collectives, so there signals act as usual and the periodic checkpoints are the way back.
+        catch = self.checkpointer is not None and not is_multi_worker(trainer.strategy)
+        with Preemption() if catch else contextlib.nullcontext() as self.preemption:
             cbs.on_train_begin(None)
             for epoch in range(first, epochs):
                 if not (epoch == runner.position.epoch and runner.position.epoch_steps > 0):
@@ -172,3 +181,7 @@ class FitLoop:
             cbs.on_train_end(logs)
             self._save()
         return logs
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from losses import components, per_output
+from losses import LossProtocolError, components, per_output
 from trainer.errors import names
 from trainer.structure import call_reader
 
@@ -137,6 +137,12 @@ class Objective:
                     raise ValueError(f"Two losses produce the component key {key!r}; rename one of them.")
                 found[key] = part
                 self._name_of.setdefault(key, name)
+        if self.keys and set(found) != set(self.keys) - {REGULARIZATION}:
+            raise LossProtocolError(
+                f"The losses returned the components {names(found)}, but {names(self.keys)} on the first batch. "
+                "Component keys must be the same at every step and on every replica (they are logged and reduced "
+                "across replicas by key): return every key every time (0.0 for a part that does not apply)."
+            )
         if regularization is not None:
             if REGULARIZATION in found:
                 raise ValueError(

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from losses import LossProtocolError, ShapeMismatchError, replica_share
+from trainer.errors import DataError, MissingKeyError
 from trainer.metrics import MetricSpec
 from trainer.objective import TOTAL, Objective
 from trainer.structure import batch_size_of
@@ -39,6 +41,24 @@ class BlockInfo:
     finite: np.ndarray  # per logged loss key: finite at the last step
     values: np.ndarray  # per logged loss key: value at the last step
     logs: dict[str, float]  # tracker results
+
+
+OWN_ERRORS = (LossProtocolError, MissingKeyError, ShapeMismatchError, DataError)
+
+
+def _own_error(err: BaseException) -> BaseException:
+    """The tapeloop error inside an error that tracing wrapped (autograph turns errors raised in ``strategy.run``
+    into ``StagingError``): the user sees our message and type, not a TensorFlow trace."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OWN_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
+
+
+def _bad(finite: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.logical_not(finite), tf.int32)
 
 
 class Steps:
@@ -85,6 +105,7 @@ class Steps:
         self._optimizer = optimizer
         self._variables = variables
         self._strategy = strategy
+        self._replicas = strategy.num_replicas_in_sync
         self._hint = output_hint
         self.loss_keys = objective.logged_keys()  # order of the finite flags and values a block returns
         self.traces: Counter[str] = Counter()  # incremented only while tracing: a test counts retraces
@@ -123,28 +144,49 @@ class Steps:
         this machine, measured: the main Python cost at ``steps_per_execution=1``); the match runs once here.
         """
         block = self.blocks[mode, exact]
-        return block if self._run_eagerly else block.get_concrete_function(iterator, count)
+        if self._run_eagerly:
+            return block
+        try:
+            return block.get_concrete_function(iterator, count)
+        except Exception as err:
+            raise _own_error(err) from None
 
     # -- one step, run on each replica ----------------------------------------------------------------------------
+
+    def _empty_is_zero(self, inputs: Any, values: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """A replica that got no examples (an uneven last batch) contributes 0, not a mean over nothing (NaN)."""
+        if self._replicas == 1:
+            return values
+        has_examples = batch_size_of(inputs) > 0
+        return {key: tf.where(has_examples, value, tf.zeros_like(value)) for key, value in values.items()}
 
     def _losses(self, inputs: Any, targets: Mapping[str, tf.Tensor], training: bool, weights: tf.Tensor):
         outputs = self._forward(inputs, training)
         parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
+        parts = self._empty_is_zero(inputs, parts)
         total = self._objective.total(parts, weights)
         return outputs, {**parts, TOTAL: total}
 
+    def _share(self, inputs: Any) -> tf.Tensor | None:
+        """b/B, this replica's part of the global batch (None on one replica: nothing to scale)."""
+        return None if self._replicas == 1 else replica_share(batch_size_of(inputs))
+
     def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
         tracker = self._trackers[mode]
-        values = {**values, **self._metrics.callable_values(outputs, targets, self._hint)}
+        metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+        values = {**values, **self._empty_is_zero(inputs, metric_values)}
         tracker.update_means(values, batch_size_of(inputs))
         self._metrics.update(tracker.metrics, outputs, targets)
 
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
-        """Forward and backward on one replica's share; returns (finite flags, loss values, gradients)."""
+        """Forward and backward on one replica's share; returns (non-finite flags as 0/1, values × b/B, gradients)."""
         inputs, targets = batch
+        share = self._share(inputs)
         with tf.GradientTape() as tape:
             outputs, values = self._losses(inputs, targets, training=True, weights=weights)
-        grads = tape.gradient(values[TOTAL], self._variables)
+            # The one distribution scaling: loss × b/B, gradients summed over replicas (losses/distributed.py).
+            objective = values[TOTAL] if share is None else values[TOTAL] * share
+        grads = tape.gradient(objective, self._variables)
         if all(g is None for g in grads):
             raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
         stacked = tf.stack([values[k] for k in self.loss_keys])  # every value is a scalar: one check for all
@@ -155,25 +197,28 @@ class Steps:
             return tf.constant(True)
 
         tf.cond(tf.reduce_all(finite), observe, lambda: tf.constant(False))  # a skipped step is not tracked
-        return finite, stacked, grads
+        return _bad(finite), stacked if share is None else stacked * share, grads
 
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
         outputs, values = self._losses(inputs, targets, training=False, weights=weights)
         self._observe("eval", inputs, targets, outputs, values)
-        return tf.ones([len(self.loss_keys)], tf.bool), tf.stack([values[k] for k in self.loss_keys])
+        stacked = tf.stack([values[k] for k in self.loss_keys])
+        share = self._share(inputs)
+        return tf.zeros([len(self.loss_keys)], tf.int32), stacked if share is None else stacked * share
 
     # -- one step over all replicas (cross-replica context) --------------------------------------------------------
 
-    def _reduce_flags(self, finite: Any, values: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    def _reduce_flags(self, bad: Any, values: Any) -> tuple[tf.Tensor, tf.Tensor]:
         reduce = self._strategy.reduce
         # A component is finite only if it is finite on every replica.
-        bad = reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.int32), axis=None)
-        return tf.equal(bad, 0), reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
+        bad = reduce(tf.distribute.ReduceOp.SUM, bad, axis=None)
+        # Each replica's values are already × b/B: their sum is the global batch's mean.
+        return tf.equal(bad, 0), reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
 
     def _step_train(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        finite, values, grads = self._strategy.run(self._train_replica, args=(batch, weights))
-        finite, values = self._reduce_flags(finite, values)
+        bad, values, grads = self._strategy.run(self._train_replica, args=(batch, weights))
+        finite, values = self._reduce_flags(bad, values)
         # Gradients are summed over replicas here, once, before the optimizer sees them; in cross-replica context
         # Keras does not all-reduce again, and clipnorm/global_clipnorm act on the sum.
         pairs = [

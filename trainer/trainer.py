@@ -18,18 +18,22 @@ import tensorflow as tf
 from trainer.blocks import AUTO, BlockSizer, steps_to_boundary
 from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
+from trainer.cluster import is_multi_worker
 from trainer.data import Data
 from trainer.epochs import EpochRunner, FitLoop
 from trainer.errors import DataError, NonFiniteLossError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
 from trainer.options import NAN_POLICIES, accepts_training, make_optimizer, positive_int
+from trainer.predict import Predictor
 from trainer.step import BlockInfo, Steps
 from trainer.structure import as_output_dict, output_hint
 from trainer.tracking import Tracker
 from trainer.writers import ProgressWriter, WriterCallback
 
 __all__ = ["Trainer"]
+
+MULTI_WORKER_BLOCK = 16  # what steps_per_execution="auto" means across several workers
 
 
 class Trainer:
@@ -108,10 +112,11 @@ class Trainer:
         self._hint = output_hint(model)
         self._trackers: dict[str, Tracker] = {}
         self._steps: Steps | None = None
-        self._predict_step: Any = None
-        self._predict_traces = 0
+        self._predictor: Predictor | None = None
         self._counts: dict[int, tf.Tensor] = {}
-        self._sizers = {mode: BlockSizer(self.steps_per_execution) for mode in ("train", "eval")}
+        # Workers must run blocks of the same length (their collectives pair up): no timing-based sizes there.
+        fixed = MULTI_WORKER_BLOCK if steps_per_execution == AUTO and is_multi_worker(self.strategy) else None
+        self._sizers = {mode: BlockSizer(fixed or steps_per_execution) for mode in ("train", "eval")}
         self._periods: list[int] = []  # step periods callbacks asked for; train blocks end on their multiples
         self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
         self.global_step = 0  # training steps applied so far
@@ -131,8 +136,8 @@ class Trainer:
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (``train``, ``eval``, ``predict``)."""
         counts = dict(self._steps.traces) if self._steps else {}
-        if self._predict_step is not None:
-            counts["predict"] = self._predict_traces
+        if self._predictor is not None:
+            counts["predict"] = self._predictor.traces
         return counts
 
     # -- building -------------------------------------------------------------------------------------------------
@@ -270,6 +275,7 @@ class Trainer:
             loop.run(epochs)
         finally:
             cbs.teardown()
+            loop.close()
         return history
 
     def _reset_epoch(self) -> None:
@@ -364,23 +370,6 @@ class Trainer:
         ``(inputs, targets)``, whose targets are ignored).
         """
         source = Data(data, what="prediction data", batch_size=batch_size, with_targets=False)
-        if self._predict_step is None:
-
-            def predict_step(iterator: Any) -> dict[str, tf.Tensor]:
-                self._predict_traces += 1  # runs only while tracing
-                return self.strategy.run(lambda x: self._forward(x, False), args=(next(iterator),))
-
-            # Traced on the iterator's spec (batch dimension None): one trace, partial last batch included.
-            self._predict_step = predict_step if self.run_eagerly else tf.function(predict_step)
-        chunks: dict[str, list[np.ndarray]] = {}
-        iterator = iter(self.strategy.experimental_distribute_dataset(source.dataset()))
-        while True:
-            try:
-                outputs = self._predict_step(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                break
-            for name, value in outputs.items():
-                chunks.setdefault(name, []).extend(
-                    np.asarray(p) for p in self.strategy.experimental_local_results(value)
-                )
-        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+        if self._predictor is None:
+            self._predictor = Predictor(self._forward, self.strategy, self.run_eagerly)
+        return self._predictor(source.dataset())

@@ -1,0 +1,68 @@
+"""Two worker processes on 127.0.0.1 (scripts/launch_workers.py) against one process: same weights, and only the
+chief's run directory exists afterwards; a second launch with more epochs resumes from the chief's checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.test_cli import USER_TASK
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done
+
+
+def _weights(task_file: Path, path: Path) -> list[np.ndarray]:
+    spec = importlib.util.spec_from_file_location("mw_task", task_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    model = module.model()
+    model.load_weights(path)
+    return model.get_weights()
+
+
+def _history(path: Path) -> dict[str, list[float]]:
+    rows = list(csv.DictReader(path.open()))
+    return {key: [float(r[key]) for r in rows] for key in rows[0] if key != "epoch"}
+
+
+def test_two_workers_match_one_process_resume_and_only_the_chief_writes(tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text(USER_TASK)
+    scratch = tmp_path / "scratch"  # the workers' TMPDIR: non-chief directories must be gone afterwards
+    scratch.mkdir()
+    flags = ["--task", str(task), "--batch-size", "16", "--no-progress", "--checkpoint-every", "4"]
+    _run("train.py", *flags, "--epochs", "3", "--logdir", str(tmp_path / "one"))
+    two = ["--workers", "2", "--", *flags, "--logdir", str(tmp_path / "two")]
+    _run("launch_workers.py", *two, "--epochs", "2", env={"TMPDIR": str(scratch)})
+    done = _run("launch_workers.py", *two, "--epochs", "3", env={"TMPDIR": str(scratch)})  # resumes at epoch 3
+    assert "Epoch 3/3" in done.stdout and "Epoch 1/3" not in done.stdout
+
+    one, both = tmp_path / "one", tmp_path / "two"
+    for a, b in zip(_weights(task, one / "final.weights.h5"), _weights(task, both / "final.weights.h5"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    expected, got = _history(one / "history.csv"), _history(both / "history.csv")
+    assert expected.keys() == got.keys() and len(got["loss"]) == 3
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert {p.name for p in both.iterdir()} == {p.name for p in one.iterdir()}
+    assert list(scratch.iterdir()) == [], "a non-chief worker left its temporary directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "scratch", "task.py", "two"]

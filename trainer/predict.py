@@ -1,0 +1,71 @@
+"""``predict``: every example's outputs, in order, on one device or many.
+
+Under a strategy each replica holds a share of every batch (the last one may split unevenly, a replica may get
+none). Each replica pads its share to the largest share, all shares are gathered in replica order (which is the
+batch's order) on every worker, and the host drops the padding using the gathered share sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """A compiled predict step (one trace: the batch dimension is None), and the loop over a dataset.
+
+    Args:
+        forward: ``forward(inputs, training) -> {output name: tensor}``.
+        strategy: the Trainer's strategy.
+        run_eagerly: run the step eagerly.
+    """
+
+    def __init__(self, forward: Callable[[Any, bool], dict[str, tf.Tensor]], strategy, run_eagerly: bool) -> None:
+        self._forward = forward
+        self._strategy = strategy
+        self.traces = 0
+        self._step = self._step_fn if run_eagerly else tf.function(self._step_fn)
+
+    def _replica(self, inputs: Any) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        outputs = self._forward(inputs, False)
+        size = tf.shape(tf.nest.flatten(inputs)[0])[:1]
+        sizes = tf.distribute.get_replica_context().all_gather(size, axis=0)  # every replica's share, in order
+        largest = tf.reduce_max(sizes, keepdims=True)
+        padded = {}
+        for name, value in outputs.items():
+            pad = tf.concat([largest - size, tf.zeros([tf.rank(value) - 1], tf.int32)], axis=0)
+            padded[name] = tf.pad(value, tf.stack([tf.zeros_like(pad), pad], axis=1))
+        return padded, sizes
+
+    def _step_fn(self, iterator: Any) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        self.traces += 1  # runs only while tracing
+        batch = next(iterator)
+        if self._strategy.num_replicas_in_sync == 1:
+            outputs = self._strategy.run(lambda x: self._forward(x, False), args=(batch,))
+            return outputs, tf.zeros([0], tf.int32)
+        outputs, sizes = self._strategy.run(self._replica, args=(batch,))
+        gather = self._strategy.gather
+        sizes = self._strategy.experimental_local_results(sizes)[0]  # the same on every replica
+        return {name: gather(value, axis=0) for name, value in outputs.items()}, sizes
+
+    def __call__(self, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+        chunks: dict[str, list[np.ndarray]] = {}
+        iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
+        while True:
+            try:
+                outputs, sizes = self._step(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
+            sizes = sizes.numpy()
+            for name, value in outputs.items():
+                value = value.numpy()
+                if len(sizes):  # replica r's rows start at r × (largest share); keep its first sizes[r]
+                    width = len(value) // len(sizes)
+                    value = np.concatenate([value[r * width : r * width + n] for r, n in enumerate(sizes)])
+                chunks.setdefault(name, []).append(value)
+        return {name: np.concatenate(parts) for name, parts in chunks.items()}
