@@ -8,7 +8,8 @@ timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
   (b) compute-bound: MLP 100 -> 256 -> 256 -> heads, batch 256
   (c) logging cost: workload (a) with a loss returning 1 vs 20 named components
   (d) the detection task's SSD, batch 32
-plus retraces after the first epoch and resident memory over 20 epochs. Targets are printed as ratios.
+plus the cost of log_grad_norms, retraces after the first epoch and resident memory over 20 epochs. Targets are
+printed as ratios.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def main(argv=None) -> dict:
     for k in (1, 20):
         trainer = Trainer(two_head_model((64, 32)), optimizer=keras.optimizers.Adam(1e-3), loss=many_components(k))
         runs[k] = lambda t=trainer: t.fit(small, epochs=1, progress=False)
+    # log_grad_norms: one extra backward pass per component (here the 2 Keras-style heads and their shared trunk)
+    for norms in (False, True):
+        trainer = Trainer(two_head_model((64, 32)), optimizer=keras.optimizers.Adam(1e-3), loss=LOSSES,
+                          log_grad_norms=norms)  # fmt: skip
+        runs[f"norms={norms}"] = lambda t=trainer: t.fit(small, epochs=1, progress=False)
     logging = best_rates(runs, 200, args.repeats)
 
     import detection
@@ -198,6 +204,11 @@ def main(argv=None) -> dict:
     report = {
         "rows": rows,
         "logging": {"1": logging[1], "20": logging[20], "cost": 1 - logging[20] / logging[1]},
+        "grad_norms": {
+            "off": logging["norms=False"],
+            "on": logging["norms=True"],
+            "cost": 1 - logging["norms=True"] / logging["norms=False"],
+        },
         "retraces_after_first_epochs": retraced,
         "rss_growth_mb_over_20_epochs": growth,
         "seconds": time.perf_counter() - started,
@@ -221,6 +232,9 @@ def print_report(report: dict) -> None:
         )
     log = report["logging"]
     print(f"\nc: logging cost, 20 components vs 1: {log['20']:.0f} vs {log['1']:.0f} steps/s ({log['cost']:+.1%})")
+    norms = report["grad_norms"]
+    on, off, cost = norms["on"], norms["off"], norms["cost"]
+    print(f"log_grad_norms=True on workload (a): {on:.0f} vs {off:.0f} steps/s ({cost:+.1%})")
     print(f"retraces after the first epochs (partial batch + validation): {report['retraces_after_first_epochs']}")
     print(f"resident memory growth over 20 epochs: {report['rss_growth_mb_over_20_epochs']:.1f} MB")
     print(f"(steps/s, best of repeats; bench took {report['seconds']:.0f} s)")

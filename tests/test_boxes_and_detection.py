@@ -109,6 +109,6 @@ def test_detection_task_trains_a_few_steps_and_reports_map():
     task = _detection_task().build(batch_size=16, seed=0, train_size=64, epochs=1)
     trainer = Trainer(task.model, optimizer=task.optimizer, loss=task.loss, steps_per_execution=2)
     history = trainer.fit(task.train, epochs=1, steps_per_epoch=3, progress=False).history
-    assert set(history) == {"loss", "loc", "conf"} and np.isfinite(history["loss"]).all()
+    assert set(history) == {"loss", "loc", "conf", "lr"} and np.isfinite(history["loss"]).all()
     extra = task.evaluate_extra(trainer, task.validation)
     assert set(extra) == {"mAP@0.5", "mAP@0.75"} and all(0.0 <= v <= 1.0 for v in extra.values())

@@ -80,7 +80,7 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
     names = {"history.csv", "metrics.json", "loss_curves.png", "tensorboard", "checkpoints", "final.weights.h5"}
     assert names | {"config.json"} == {p.name for p in logdir.iterdir()}
     history = run.history
-    keys = ["loss", "mse", "ce", "p/accuracy", "val_loss", "val_mse", "val_ce", "val_p/accuracy"]
+    keys = ["loss", "mse", "ce", "p/accuracy", "lr", "val_loss", "val_mse", "val_ce", "val_p/accuracy"]
     assert list(history) == keys and len(history["loss"]) == 3
 
     rows = list(csv.DictReader((logdir / "history.csv").open()))
@@ -100,7 +100,7 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
 
     image = matplotlib.image.imread(logdir / "loss_curves.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
-    assert [a.get_title() for a in plot_history(history).axes] == ["loss", "mse", "ce", "p/accuracy"]
+    assert [a.get_title() for a in plot_history(history).axes] == ["loss", "mse", "ce", "p/accuracy", "lr"]
 
     config = json.loads((logdir / "config.json").read_text())
     assert config["batch_size"] == 16 and config["epochs"] == 3 and config["checkpoint_every"] == 4

@@ -106,7 +106,7 @@ def test_single_tensor_output_is_keyed_output():
     trainer = Trainer(_linear(1), loss="mse", optimizer="sgd")
     x = np.ones((4, 3), "float32")
     logs = trainer.fit((x, {"output": np.zeros((4, 1), "float32")}), progress=False).history
-    assert list(logs) == ["loss"]
+    assert list(logs) == ["loss", "lr"]
     assert list(trainer.predict(x)) == ["output"]
 
 
@@ -115,7 +115,7 @@ def test_seed001_example3_with_names_on_the_output_layers_trains():
     losses = {"output_1": "mse", "output_2": "categorical_crossentropy"}
     trainer = Trainer(model, loss=losses, metrics={"output_1": ["mae"], "output_2": ["accuracy"]})
     history = trainer.fit(helpers.example3_data(40), batch_size=16, epochs=2, progress=False).history
-    assert set(history) == {"loss", "output_1", "output_2", "output_1/mae", "output_2/accuracy"}
+    assert set(history) == {"loss", "output_1", "output_2", "output_1/mae", "output_2/accuracy", "lr"}
 
 
 @pytest.mark.parametrize("mode", ["jit_compile", "run_eagerly"])

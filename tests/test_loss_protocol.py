@@ -101,7 +101,7 @@ def test_seed002_combined_bce_mse_parts_logged_and_total_is_weighted_sum():
     p = np.clip(model.predict(x, verbose=0).astype("float64"), 1e-7, 1 - 1e-7)
     bce = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))
     mse = np.mean((p - y) ** 2)
-    assert set(history) == {"loss", "bce", "mse"}
+    assert set(history) == {"loss", "bce", "mse", "lr"}
     np.testing.assert_allclose(history["bce"], [bce, bce], rtol=1e-5)
     np.testing.assert_allclose(history["mse"], [mse, mse], rtol=1e-5)
     np.testing.assert_allclose(history["loss"], [0.5 * bce + 0.5 * mse] * 2, rtol=1e-5)
@@ -129,7 +129,7 @@ def test_loss_layer_with_trainable_variable_is_trained():
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"main": layer})
     trainer.fit((x, {"output": y}), batch_size=8, epochs=2, progress=False)
     assert layer.s.numpy() != 0.0  # the gradient of `s` is exp(-s)·0 + 1 on the "s" component: it moves
-    assert any(v is layer.s for v in trainer._steps._variables)
+    assert any(v is layer.s for v in trainer._steps.math._variables)
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def test_readme_multibox_example_trains_with_the_documented_keys():
     trainer = Trainer(model, optimizer="adam", loss={"det": multibox, "aux": "mse"}, loss_weights={"det/loc": 2.0})
     history = trainer.fit(train_ds, epochs=2, validation_data=train_ds, progress=False)
     assert list(history.history) == [
-        "loss", "det/loc", "det/conf", "aux", "val_loss", "val_det/loc", "val_det/conf", "val_aux"
+        "loss", "det/loc", "det/conf", "aux", "lr", "val_loss", "val_det/loc", "val_det/conf", "val_aux"
     ]  # fmt: skip
     h = history.history
     np.testing.assert_allclose(h["val_loss"], 2 * np.array(h["val_det/loc"]) + h["val_det/conf"] + h["val_aux"], 1e-5)
@@ -59,7 +59,7 @@ def test_readme_seed002_example_logs_both_parts():
     x = np.random.default_rng(1).normal(size=(16, 3)).astype("float32")
     y = {"output": (x[:, :1] > 0).astype("float32")}
     trainer = Trainer(model, loss=bce_mse, loss_weights={"bce": 0.5, "mse": 0.5})
-    assert set(trainer.fit((x, y), batch_size=8, progress=False).history) == {"loss", "bce", "mse"}
+    assert set(trainer.fit((x, y), batch_size=8, progress=False).history) == {"loss", "bce", "mse", "lr"}
 
 
 def test_readme_global_normalizer_example_matches_numpy():

@@ -4,6 +4,7 @@ from trainer.callbacks import History
 from trainer.checkpoints import TrainingInterrupted
 from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
 from trainer.plots import PlotWriter, plot_history
+from trainer.schedules import LossWeightSchedule
 from trainer.task import Task
 from trainer.trainer import Trainer
 from trainer.writers import CSVWriter, Every, MultiWriter, ProgressWriter, TensorBoardWriter, Writer, WriterCallback
@@ -14,6 +15,7 @@ __all__ = [
     "Every",
     "History",
     "LossProtocolError",
+    "LossWeightSchedule",
     "MissingKeyError",
     "MultiWriter",
     "NonFiniteLossError",

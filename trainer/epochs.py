@@ -63,7 +63,8 @@ class EpochRunner:
         trainer, pos = self.trainer, self.position
         if pos.epoch != epoch:
             pos.epoch, pos.epoch_steps = epoch, 0
-        limit = self.steps_per_epoch or self.data.steps  # None: until the data ends
+        k = trainer.gradient_accumulation_steps  # batches per step
+        limit = self.steps_per_epoch or (None if self.data.steps is None else -(-self.data.steps // k))
         per_epoch = self.steps_per_epoch is None
         while limit is None or pos.epoch_steps < limit:
             fresh = self.iterator is None
@@ -77,11 +78,12 @@ class EpochRunner:
 
             def advanced(ran: int) -> None:
                 pos.epoch_steps += ran
-                pos.pass_position += ran
+                pos.pass_position += ran * k  # in batches (a short last step ends its pass anyway)
                 after_block()
 
             budget = None if limit is None else limit - pos.epoch_steps
-            known = per_epoch and limit is not None  # the pass holds exactly `budget` more batches
+            # the pass holds exactly `budget` more steps' batches
+            known = per_epoch and limit is not None and self.data.steps % k == 0
             _, ended = trainer._run_blocks("train", self.iterator, budget, on_block, advanced, known_length=known)
             if ended or per_epoch:
                 if pos.pass_position == 0:

@@ -8,7 +8,17 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["NAN_POLICIES", "accepts_training", "make_optimizer", "positive_int"]
+from trainer.blocks import AUTO
+
+__all__ = [
+    "NAN_POLICIES",
+    "accepts_training",
+    "check_flags",
+    "choice",
+    "make_optimizer",
+    "positive_int",
+    "resolve_steps_per_execution",
+]
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -19,16 +29,45 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+    return value
+
+
+def check_flags(**flags: object) -> None:
+    """Booleans are booleans; ``jit_compile`` and ``run_eagerly`` exclude each other."""
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
+    if flags.get("jit_compile") and flags.get("run_eagerly"):
+        raise ValueError("`jit_compile=True` and `run_eagerly=True` exclude each other; choose one.")
+
+
+def resolve_steps_per_execution(value: object) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        return positive_int("steps_per_execution", value)
+    except ValueError:
+        raise ValueError(f"`steps_per_execution` must be a positive int or 'auto', got {value!r}.") from None
+
+
 def make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        return optimizer
+    """The optimizer object; under the ``mixed_float16`` policy wrapped in a ``LossScaleOptimizer`` (dynamic loss
+    scaling), as ``Model.compile`` does."""
     if isinstance(optimizer, str):
         try:
-            return keras.optimizers.get(optimizer)
+            optimizer = keras.optimizers.get(optimizer)
         except ValueError:
             known = sorted(n.lower() for n in dir(keras.optimizers) if n[:1].isupper() and n != "Optimizer")
             raise ValueError(f"Unknown optimizer {optimizer!r}; known names: {', '.join(known)}.") from None
-    raise TypeError(f"`optimizer` must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"`optimizer` must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    if keras.mixed_precision.global_policy().name == "mixed_float16" and not scaled:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def accepts_training(model: Any) -> bool:

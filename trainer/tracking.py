@@ -33,17 +33,24 @@ class Tracker:
     Args:
         mean_keys: keys tracked as batch-weighted means, in logging order (``loss`` first).
         metrics: Keras metric objects keyed ``output/name``.
+        step_keys: keys tracked as plain means over optimizer steps, updated in cross-replica context
+            (``grad_norm/<key>``).
     """
 
-    def __init__(self, mean_keys: list[str], metrics: Mapping[str, keras.metrics.Metric]) -> None:
+    def __init__(
+        self, mean_keys: list[str], metrics: Mapping[str, keras.metrics.Metric], step_keys: list[str] = ()
+    ) -> None:
         self.mean_keys = list(mean_keys)
         self.metrics = dict(metrics)
+        self.step_keys = list(step_keys)
         self._sums = _sum_variable((len(self.mean_keys),), "tracker_sums")
         self._count = _sum_variable((), "tracker_count")
+        self._step_sums = tf.Variable(tf.zeros([len(self.step_keys)]), trainable=False, name="tracker_step_sums")
+        self._steps = tf.Variable(0.0, trainable=False, name="tracker_steps")
 
     @property
     def keys(self) -> list[str]:
-        return self.mean_keys + list(self.metrics)
+        return self.mean_keys + self.step_keys + list(self.metrics)
 
     def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor) -> None:
         """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples."""
@@ -51,10 +58,17 @@ class Tracker:
         self._sums.assign_add(stacked * batch_size)
         self._count.assign_add(batch_size)
 
+    def update_step_means(self, values: tf.Tensor) -> None:
+        """Add one optimizer step's ``step_keys`` values (a vector; cross-replica context)."""
+        self._step_sums.assign_add(values)
+        self._steps.assign_add(1.0)
+
     def reset(self) -> None:
         """Start a new epoch (or evaluation)."""
         self._sums.assign(tf.zeros_like(self._sums))
         self._count.assign(0.0)
+        self._step_sums.assign(tf.zeros_like(self._step_sums))
+        self._steps.assign(0.0)
         for metric in self.metrics.values():
             metric.reset_state()
 
@@ -62,13 +76,15 @@ class Tracker:
         """Current means (as tensors; the caller converts them once per block)."""
         means = tf.math.divide_no_nan(tf.convert_to_tensor(self._sums), tf.convert_to_tensor(self._count))
         out = {key: means[i] for i, key in enumerate(self.mean_keys)}
+        step_means = tf.math.divide_no_nan(tf.convert_to_tensor(self._step_sums), tf.convert_to_tensor(self._steps))
+        out.update({key: step_means[i] for i, key in enumerate(self.step_keys)})
         for key, metric in self.metrics.items():
             out[key] = tf.cast(metric.result(), tf.float32)
         return out
 
     def variables(self) -> list[tf.Variable]:
         """Every state variable (for checkpoints)."""
-        found = [self._sums, self._count]
+        found = [self._sums, self._count, self._step_sums, self._steps]
         for metric in self.metrics.values():
             found.extend(metric.variables)
         return found

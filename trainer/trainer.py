@@ -24,15 +24,25 @@ from trainer.epochs import EpochRunner, FitLoop
 from trainer.errors import DataError, NonFiniteLossError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
-from trainer.options import NAN_POLICIES, accepts_training, make_optimizer, positive_int
+from trainer.options import (
+    NAN_POLICIES,
+    accepts_training,
+    check_flags,
+    choice,
+    make_optimizer,
+    positive_int,
+    resolve_steps_per_execution,
+)
 from trainer.predict import Predictor
 from trainer.step import BlockInfo, Steps
 from trainer.structure import as_output_dict, output_hint
 from trainer.tracking import Tracker
+from trainer.update import StepMath
 from trainer.writers import ProgressWriter, WriterCallback
 
 __all__ = ["Trainer"]
 
+HALF = (tf.float16, tf.bfloat16)
 MULTI_WORKER_BLOCK = 16  # what steps_per_execution="auto" means across several workers
 
 
@@ -57,6 +67,10 @@ class Trainer:
             the step, that step's update not applied. ``"skip"``: the step's update is skipped and counted
             (``skipped_steps`` in the logs); more than ``max_consecutive_skips`` in a row raise.
         max_consecutive_skips: see ``nan_policy``.
+        gradient_accumulation_steps: micro-batches per optimizer update; k micro-batches of b give exactly the
+            update of one batch of k·b for losses that are means over examples. A "step" is one update.
+        log_grad_norms: log ``grad_norm/<component key>``: the norm of each weighted component's gradient over the
+            variables shared by more than one component (all variables when none is shared); epoch means.
 
     Raises:
         ValueError, TypeError: an option is invalid; the message quotes it.
@@ -77,29 +91,20 @@ class Trainer:
         seed: int | None = None,
         nan_policy: str = "raise",
         max_consecutive_skips: int = 10,
+        gradient_accumulation_steps: int = 1,
+        log_grad_norms: bool = False,
     ) -> None:
         if not callable(model):
             raise TypeError(f"`model` must be callable (a keras.Model, tf.Module or function), got {model!r}.")
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {strategy!r}.")
-        for flag, value in (("jit_compile", jit_compile), ("run_eagerly", run_eagerly)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{flag}` must be True or False, got {value!r}.")
-        if jit_compile and run_eagerly:
-            raise ValueError("`jit_compile=True` and `run_eagerly=True` exclude each other; choose one.")
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"`nan_policy` must be one of {', '.join(map(repr, NAN_POLICIES))}; got {nan_policy!r}.")
-        self.nan_policy = nan_policy
+        check_flags(jit_compile=jit_compile, run_eagerly=run_eagerly, log_grad_norms=log_grad_norms)
+        self.nan_policy = choice("nan_policy", nan_policy, NAN_POLICIES)
         self.max_consecutive_skips = positive_int("max_consecutive_skips", max_consecutive_skips)
+        self.gradient_accumulation_steps = positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+        self.log_grad_norms = log_grad_norms
         self.model = model
-        if steps_per_execution != AUTO:
-            try:
-                steps_per_execution = positive_int("steps_per_execution", steps_per_execution)
-            except ValueError:
-                raise ValueError(
-                    f"`steps_per_execution` must be a positive int or 'auto', got {steps_per_execution!r}."
-                ) from None
-        self.steps_per_execution = steps_per_execution
+        self.steps_per_execution = steps_per_execution = resolve_steps_per_execution(steps_per_execution)
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -144,7 +149,9 @@ class Trainer:
 
     def _forward(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
         value = self.model(inputs, training=training) if self._training_arg else self.model(inputs)
-        return as_output_dict(value, getattr(self.model, "output_names", None))
+        outputs = as_output_dict(value, getattr(self.model, "output_names", None))
+        # Mixed precision: losses, metrics and trackers see float32 outputs (as if the last layers were float32).
+        return {k: tf.cast(v, tf.float32) if v.dtype in HALF else v for k, v in outputs.items()}
 
     def _regularization(self) -> tf.Tensor | None:
         if not self._objective.has_regularization:
@@ -173,14 +180,15 @@ class Trainer:
             clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
             if clash or len(set(mean_keys)) != len(mean_keys):
                 raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
-            self._trackers = {mode: Tracker(mean_keys, per_mode[mode]) for mode in per_mode}
+            norms = [f"grad_norm/{key}" for key in self._objective.keys] if self.log_grad_norms else []
+            self._trackers = {mode: Tracker(mean_keys, per_mode[mode], norms * (mode == "train")) for mode in per_mode}
             variables = getattr(self.model, "trainable_variables", None)
             if variables is None:
                 raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
             known = {id(v) for v in variables}
             variables = list(variables) + [v for v in self._objective.trainable_variables() if id(v) not in known]
             self.optimizer.build(variables)
-            self._steps = Steps(
+            math = StepMath(
                 forward=self._forward,
                 regularization=self._regularization,
                 objective=self._objective,
@@ -189,11 +197,19 @@ class Trainer:
                 optimizer=self.optimizer,
                 variables=variables,
                 strategy=self.strategy,
+                log_grad_norms=self.log_grad_norms,
+                output_hint=self._hint,
+            )
+            self._steps = Steps(
+                math=math,
+                trackers=self._trackers,
+                loss_weights=self._objective.weight_vector,
+                strategy=self.strategy,
                 jit_compile=self.jit_compile,
                 run_eagerly=self.run_eagerly,
-                output_hint=self._hint,
                 nan_policy=self.nan_policy,
                 max_consecutive_skips=self.max_consecutive_skips,
+                accumulation=self.gradient_accumulation_steps,
             )
 
     def _count(self, n: int) -> tf.Tensor:
@@ -266,7 +282,8 @@ class Trainer:
         history = History()
         writers = [WriterCallback(ProgressWriter())] if progress else []
         self._stop = callback_model(self.model, self.optimizer)
-        steps = steps_per_epoch or data.steps
+        k = self.gradient_accumulation_steps
+        steps = steps_per_epoch or (None if data.steps is None else -(-data.steps // k))
         cbs = CallbackList([*callbacks, history, *writers], model=self._stop, params={"epochs": epochs, "steps": steps})
         periods = [p for cb in [*cbs.callbacks, checkpointer] if cb for p in getattr(cb, "step_periods", list)()]
         self._periods = sorted(set(periods))
@@ -285,6 +302,7 @@ class Trainer:
     def _epoch_logs(self) -> dict[str, float]:
         """The epoch's training logs: every tracker (one host read); ``skipped_steps`` with ``nan_policy="skip"``."""
         logs = {k: float(v) for k, v in self._trackers["train"].result().items()}
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))  # schedules: the current value
         if self.nan_policy == "skip":
             logs["skipped_steps"] = float(self._steps.skipped.numpy())
         return logs

@@ -1,0 +1,186 @@
+"""Options of the one train step: gradient accumulation, mixed precision, per-component gradient norms, schedules."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from tests.test_distribution import _two_output_loss, mirrored
+from trainer import LossWeightSchedule, Trainer
+
+LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+
+
+def _weights_equal(a: keras.Model, b: keras.Model, tol: float = 1e-6) -> None:
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+# -- gradient accumulation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "spe"),
+    [(64, 1), (60, 2), (44, "auto")],
+    ids=["even", "short-last-micro-batch", "short-last-group"],
+)
+def test_k_micro_batches_equal_one_big_batch(n, spe):
+    """4 micro-batches of 8 = one batch of 32, SGD; 44 examples end in a group of 2 micro-batches (8 + 4) = 12."""
+    data = helpers.example1_data(n)
+    big_model = helpers.example1()
+    small_model = helpers.clone(big_model)
+    big = Trainer(big_model, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES, steps_per_execution=1)
+    small = Trainer(small_model, optimizer=keras.optimizers.SGD(0.1), loss=LOSSES, steps_per_execution=spe,
+                    gradient_accumulation_steps=4)  # fmt: skip
+    h_big = big.fit(data, batch_size=32, epochs=2, shuffle=False, progress=False).history
+    h_small = small.fit(data, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    _weights_equal(small_model, big_model)
+    assert small.global_step == big.global_step == 4 and int(small.optimizer.iterations) == 4
+    for key in h_big:  # trackers count every micro-batch: the same epoch means
+        np.testing.assert_allclose(h_small[key], h_big[key], rtol=1e-6, err_msg=key)
+    assert small.trace_counts["train"] == 1
+
+
+def test_accumulation_under_a_strategy_equals_one_device_big_batch():
+    data = helpers.example1_data(60)
+    keras.utils.set_random_seed(3)
+    with mirrored().scope():
+        small_model = helpers.example1()
+        small = Trainer(small_model, optimizer=keras.optimizers.SGD(0.02), loss=_two_output_loss,
+                        strategy=mirrored(), gradient_accumulation_steps=2, steps_per_execution=2)  # fmt: skip
+    big_model = helpers.example1()
+    big_model.set_weights(small_model.get_weights())
+    big = Trainer(big_model, optimizer=keras.optimizers.SGD(0.02), loss=_two_output_loss)
+    big.fit(data, batch_size=32, epochs=2, shuffle=False, progress=False)
+    small.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False)
+    _weights_equal(small_model, big_model, 1e-5)
+
+
+def test_accumulation_option_is_validated():
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` must be a positive int, got 0"):
+        Trainer(helpers.example1(), loss=LOSSES, gradient_accumulation_steps=0)
+
+
+# -- mixed precision ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def policy():
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _mixed_run(name: str):
+    keras.mixed_precision.set_global_policy(name)
+    keras.utils.set_random_seed(0)
+    model = helpers.example1()
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-3), loss=_two_output_loss)
+    history = trainer.fit(helpers.example1_data(256), batch_size=32, epochs=3, shuffle=False, progress=False)
+    return trainer, history.history
+
+
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_close_to_float32(name, policy):
+    _, reference = _mixed_run("float32")
+    trainer, history = _mixed_run(name)
+    scaled = isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (name == "mixed_float16")  # loss scaling only where float16 needs it
+    assert trainer._trackers["train"].variables()[0].dtype == tf.float32
+    tolerance = 2e-2 if name == "mixed_float16" else 6e-2  # bfloat16 keeps 8 bits of mantissa
+    for key in ("loss", "mse", "ce", "agreement"):
+        np.testing.assert_allclose(history[key], reference[key], rtol=tolerance, atol=1e-3, err_msg=key)
+
+
+def test_steps_the_loss_scaler_skips_are_not_non_finite_losses(policy):
+    """An absurd initial scale overflows float16 gradients: the scaler skips and lowers the scale; the losses are
+    finite, so nan_policy="raise" says nothing."""
+    policy("mixed_float16")
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0**60)
+    trainer = Trainer(helpers.example1(), optimizer=optimizer, loss=_two_output_loss)
+    history = trainer.fit(helpers.example1_data(64), batch_size=8, epochs=2, shuffle=False, progress=False).history
+    assert float(optimizer.dynamic_scale) < 2.0**60 and np.isfinite(history["loss"]).all()
+
+
+# -- per-component gradient norms ---------------------------------------------------------------------------------
+
+
+def _heads_apart(outputs, targets):
+    parts = _two_output_loss(outputs, targets)
+    return {"mse": parts["mse"], "ce": parts["ce"]}  # each head in one component: only the trunk is shared
+
+
+@pytest.mark.parametrize(("loss", "shared_count"), [(_two_output_loss, 8), (_heads_apart, 4)], ids=["all", "trunk"])
+def test_grad_norms_match_one_tape_per_component(loss, shared_count):
+    model = helpers.example1()
+    x, y = helpers.example1_data(32)
+    weights = {"ce": 0.5, "agreement": 2.0} if loss is _two_output_loss else {"ce": 0.5}
+    expected = {}
+    tapes = {}
+    for key in ("mse", "ce", "agreement") if loss is _two_output_loss else ("mse", "ce"):
+        with tf.GradientTape() as tape:
+            value = loss(dict(zip(model.output_names, model(x, training=True))), y)[key]
+            value = value * weights.get(key, 1.0)
+        tapes[key] = tape.gradient(value, model.trainable_variables)
+    users = [sum(tapes[k][j] is not None for k in tapes) for j in range(len(model.trainable_variables))]
+    shared = [j for j, n in enumerate(users) if n > 1]
+    for key, grads in tapes.items():
+        expected[key] = np.sqrt(sum(float(tf.reduce_sum(tf.square(grads[j]))) for j in shared if grads[j] is not None))
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.0), loss=loss, loss_weights=weights,
+                      log_grad_norms=True)  # fmt: skip
+    history = trainer.fit((x, y), batch_size=32, shuffle=False, progress=False).history
+    for key, value in expected.items():
+        assert history[f"grad_norm/{key}"][0] == pytest.approx(value, rel=1e-5)
+    assert "val_grad_norm/mse" not in history and len(shared) == shared_count
+
+
+def test_grad_norms_are_off_by_default():
+    history = Trainer(helpers.example1(), loss=LOSSES).fit(helpers.example1_data(16), progress=False).history
+    assert not any(key.startswith("grad_norm/") for key in history)
+
+
+# -- schedules ----------------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule_works_and_lr_is_logged_each_epoch():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=2, decay_rate=0.5)
+    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(schedule), loss=LOSSES)
+    history = trainer.fit(helpers.example1_data(32), batch_size=8, epochs=3, progress=False).history
+    assert history["lr"] == pytest.approx([0.1 * 0.5 ** (4 * e / 2) for e in (1, 2, 3)], rel=1e-6)
+
+
+def test_loss_weight_schedule_per_epoch_without_retracing():
+    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=_two_output_loss)
+    schedule = LossWeightSchedule(trainer, {"agreement": lambda epoch: 0.5 * epoch})
+    history = trainer.fit(helpers.example1_data(32), batch_size=8, epochs=3, callbacks=[schedule], progress=False)
+    h = history.history
+    assert trainer.trace_counts["train"] == 1
+    assert float(trainer.loss_weights["agreement"].numpy()) == 1.0  # epochs 0, 1, 2 -> weights 0, 0.5, 1.0
+    evaluated = trainer.evaluate(helpers.example1_data(32), batch_size=8)
+    assert evaluated["loss"] == pytest.approx(evaluated["mse"] + evaluated["ce"] + evaluated["agreement"], rel=1e-5)
+    assert h["loss"][0] == pytest.approx(h["mse"][0] + h["ce"][0], rel=1e-5)  # agreement weighted 0 in epoch 0
+
+
+def test_loss_weight_schedule_per_step_lands_on_exact_steps():
+    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=_two_output_loss)
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append((trainer.global_step, float(trainer.loss_weights["mse"].numpy())))
+
+    schedule = LossWeightSchedule(trainer, {"mse": lambda step: 1.0 + step}, per="step", every_n_steps=3)
+    trainer.fit(helpers.example1_data(80), batch_size=8, epochs=1, callbacks=[schedule, Probe()], progress=False)
+    starts = [step for step, _ in seen]
+    assert {3, 6, 9} <= set(starts)  # blocks end on multiples of 3, whatever size "auto" picks
+    assert all(weight == 1.0 + step - step % 3 for step, weight in seen)
+    assert trainer.trace_counts["train"] == 1
+
+
+def test_loss_weight_schedule_rejects_unknown_keys():
+    trainer = Trainer(helpers.example1(), loss=_two_output_loss)
+    schedule = LossWeightSchedule(trainer, {"nosuch": lambda e: 1.0})
+    with pytest.raises(ValueError, match="'nosuch' that are not loss weights; they are 'agreement', 'ce', 'mse'"):
+        trainer.fit(helpers.example1_data(16), callbacks=[schedule], progress=False)

@@ -1,0 +1,230 @@
+"""One training step's mathematics: the replicas' forward/backward and the single guarded update.
+
+The distribution convention (``losses/distributed.py``): each replica's loss is the mean over its own ``b`` of the
+global batch's ``B`` examples; the replica differentiates ``loss × b/B`` and the gradients are summed over replicas
+here, once, in cross-replica context — so the optimizer sees the one-device gradient and ``clipnorm`` clips the sum.
+The loss is scaled by the optimizer (``scale_loss``: a ``LossScaleOptimizer`` under ``mixed_float16``) and the
+optimizer unscales; a step whose scaled gradients overflow is the loss scaler's business, not ``nan_policy``'s.
+
+Gradient accumulation sums micro-batch gradients weighted by their global example counts and divides by the total,
+so k micro-batches of b give exactly the gradient of one batch of k·b for losses that are means over examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from losses import replica_share
+from trainer.metrics import MetricSpec
+from trainer.objective import TOTAL, Objective
+from trainer.structure import batch_size_of
+from trainer.tracking import Tracker
+
+__all__ = ["Micro", "StepMath"]
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class Micro(NamedTuple):
+    """One (micro-)batch over all replicas: flags, global-mean values, summed gradients, example count, norms."""
+
+    finite: tf.Tensor  # (keys,) bool
+    values: tf.Tensor  # (keys,) float32: global batch means
+    grads: list[tf.Tensor | None]  # per trainable variable: gradient of the global mean (None: not connected)
+    examples: tf.Tensor  # float32: examples in the global (micro-)batch
+    norms: tf.Tensor | None  # (components,) per-component gradient norms (log_grad_norms)
+
+
+class StepMath:
+    """Forward/backward on each replica, reductions across replicas, and the guarded optimizer update.
+
+    Args:
+        forward: ``forward(inputs, training) -> {output name: tensor}``.
+        regularization: returns ``sum(model.losses)`` or None.
+        objective: the built :class:`Objective`.
+        metrics: the :class:`MetricSpec`.
+        trackers: ``{"train": Tracker, "eval": Tracker}``.
+        optimizer: a built Keras optimizer (a ``LossScaleOptimizer`` under ``mixed_float16``).
+        variables: the trainable variables.
+        strategy: the strategy everything was created under.
+        log_grad_norms: also compute each weighted component's gradient norm.
+        output_hint: extra text for a missing output name.
+    """
+
+    def __init__(
+        self,
+        *,
+        forward: Callable[[Any, bool], dict[str, tf.Tensor]],
+        regularization: Callable[[], tf.Tensor | None],
+        objective: Objective,
+        metrics: MetricSpec,
+        trackers: Mapping[str, Tracker],
+        optimizer: keras.optimizers.Optimizer,
+        variables: list[tf.Variable],
+        strategy: tf.distribute.Strategy,
+        log_grad_norms: bool = False,
+        output_hint: Callable[[str], str] | None = None,
+    ) -> None:
+        self._forward = forward
+        self._regularization = regularization
+        self._objective = objective
+        self._metrics = metrics
+        self._trackers = trackers
+        self._optimizer = optimizer
+        self._variables = variables
+        self._strategy = strategy
+        self._replicas = strategy.num_replicas_in_sync
+        self._hint = output_hint
+        self.log_grad_norms = log_grad_norms
+        self.loss_keys = objective.logged_keys()  # order of the flags and values
+        self.norm_keys = list(objective.keys) if log_grad_norms else []  # the weighted components
+
+    # -- on each replica ------------------------------------------------------------------------------------------
+
+    def _empty_is_zero(self, inputs: Any, values: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """A replica that got no examples (an uneven last batch) contributes 0, not a mean over nothing (NaN)."""
+        if self._replicas == 1:
+            return values
+        has_examples = batch_size_of(inputs) > 0
+        return {key: tf.where(has_examples, value, tf.zeros_like(value)) for key, value in values.items()}
+
+    def _losses(self, inputs: Any, targets: Mapping[str, tf.Tensor], training: bool, weights: tf.Tensor):
+        outputs = self._forward(inputs, training)
+        parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
+        parts = self._empty_is_zero(inputs, parts)
+        total = self._objective.total(parts, weights)
+        return outputs, parts, {**parts, TOTAL: total}
+
+    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
+        tracker = self._trackers[mode]
+        metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+        values = {**values, **self._empty_is_zero(inputs, metric_values)}
+        tracker.update_means(values, batch_size_of(inputs))
+        self._metrics.update(tracker.metrics, outputs, targets)
+
+    def _component_grads(self, tape, terms: list[tf.Tensor]) -> list[list[tf.Tensor]]:
+        """Each weighted component's gradient over the variables shared by more than one component (all variables
+        when none is shared), None replaced by zeros."""
+        per_key = [tape.gradient(term, self._variables) for term in terms]
+        users = [sum(g[j] is not None for g in per_key) for j in range(len(self._variables))]
+        shared = [j for j, n in enumerate(users) if n > 1] or [j for j, n in enumerate(users) if n > 0]
+        return [[g[j] if g[j] is not None else tf.zeros_like(self._variables[j]) for j in shared] for g in per_key]
+
+    def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
+        inputs, targets = batch
+        share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
+        with tf.GradientTape(persistent=self.log_grad_norms) as tape:
+            outputs, parts, values = self._losses(inputs, targets, training=True, weights=weights)
+            # The one distribution scaling: loss × b/B, gradients summed over replicas.
+            objective = values[TOTAL] if share is None else values[TOTAL] * share
+            scaled = self._optimizer.scale_loss(objective)  # identity unless loss scaling is on
+            terms = []  # each weighted component, × b/B like the total (unscaled: norms need no loss scale)
+            if self.log_grad_norms:
+                terms = [weights[i] * parts[key] for i, key in enumerate(self._objective.keys)]
+                terms = terms if share is None else [term * share for term in terms]
+        grads = tape.gradient(scaled, self._variables)
+        if all(g is None for g in grads):
+            raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
+        component_grads = self._component_grads(tape, terms) if self.log_grad_norms else []
+        stacked = tf.stack([values[k] for k in self.loss_keys])  # every value is a scalar: one check for all
+        finite = tf.math.is_finite(stacked)
+
+        def observe() -> tf.Tensor:
+            self._observe("train", inputs, targets, outputs, values)
+            return tf.constant(True)
+
+        tf.cond(tf.reduce_all(finite), observe, lambda: tf.constant(False))  # a skipped step is not tracked
+        bad = tf.cast(tf.logical_not(finite), tf.int32)
+        values = stacked if share is None else stacked * share
+        return bad, values, grads, batch_size_of(inputs), component_grads
+
+    def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
+        inputs, targets = batch
+        outputs, _, values = self._losses(inputs, targets, training=False, weights=weights)
+        self._observe("eval", inputs, targets, outputs, values)
+        stacked = tf.stack([values[k] for k in self.loss_keys])
+        if self._replicas > 1:
+            stacked = stacked * replica_share(batch_size_of(inputs))
+        return tf.zeros([len(self.loss_keys)], tf.int32), stacked
+
+    # -- over all replicas (cross-replica context) ----------------------------------------------------------------
+
+    def _sum(self, value: Any) -> tf.Tensor:
+        return self._strategy.reduce(SUM, value, axis=None)
+
+    def micro(self, batch: Any, weights: tf.Tensor) -> Micro:
+        """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled."""
+        bad, values, grads, examples, component_grads = self._strategy.run(self._train_replica, args=(batch, weights))
+        norms = None
+        if self.log_grad_norms:
+            norms = tf.stack([tf.linalg.global_norm([self._sum(g) for g in per_key]) for per_key in component_grads])
+        return Micro(
+            finite=tf.equal(self._sum(bad), 0),
+            values=self._sum(values),  # each replica's values are × b/B: the sum is the global mean
+            grads=[None if g is None else self._sum(g) for g in grads],
+            examples=self._sum(examples),
+            norms=norms,
+        )
+
+    def apply(self, grads: list[tf.Tensor | None], finite: tf.Tensor, norms: tf.Tensor | None) -> None:
+        """The one guarded update: nothing changes when a loss component is non-finite."""
+        pairs = [(g, v) for g, v in zip(grads, self._variables) if g is not None]
+
+        def update() -> tf.Tensor:
+            self._optimizer.apply_gradients(pairs)  # a LossScaleOptimizer unscales (and skips on overflow)
+            if norms is not None:
+                self._trackers["train"].update_step_means(norms)
+            return tf.constant(True)
+
+        tf.cond(tf.reduce_all(finite), update, lambda: tf.constant(False))
+
+    def train(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One step on one batch: returns (finite flags, values)."""
+        micro = self.micro(batch, weights)
+        self.apply(micro.grads, micro.finite, micro.norms)
+        return micro.finite, micro.values
+
+    def evaluate(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        bad, values = self._strategy.run(self._eval_replica, args=(batch, weights))
+        return tf.equal(self._sum(bad), 0), self._sum(values)
+
+    def accumulate(self, pull: Callable[[], tuple[tf.Tensor, Callable]], k: int, micro: Callable, weights: tf.Tensor):
+        """Up to ``k`` micro-batches then one update, the gradients weighted by the micro-batches' example counts.
+
+        ``pull() -> (has a batch, get)``: ``get()`` returns the batch (called only when there is one); ``micro`` is
+        :meth:`micro`, possibly compiled with XLA.
+
+        Returns (at least one micro-batch ran, finite flags, example-weighted mean values).
+        """
+        connected: list[bool] = []  # filled while the loop body is traced: which variables get a gradient
+        n = len(self.loss_keys)
+        zero_grads = [tf.zeros_like(v) for v in self._variables]
+        zero_norms = tf.zeros([len(self.norm_keys)], tf.float32)
+
+        def body(j, more, examples, bad, values, norms, grads):
+            def run(get):
+                step = micro(get(), weights)
+                if not connected:
+                    connected.extend(g is not None for g in step.grads)
+                count = step.examples
+                summed = [a if g is None else a + g * count for a, g in zip(grads, step.grads)]
+                new_norms = norms if step.norms is None else norms + step.norms * count
+                still_bad = bad + tf.cast(tf.logical_not(step.finite), tf.int32)
+                return j + 1, tf.constant(True), examples + count, still_bad, values + step.values * count, \
+                    new_norms, summed  # fmt: skip
+
+            has, get = pull()
+            return tf.cond(has, lambda: run(get), lambda: (j, tf.constant(False), examples, bad, values, norms, grads))
+
+        start = (tf.constant(0), tf.constant(True), tf.constant(0.0), tf.zeros([n], tf.int32), tf.zeros([n]))
+        j, _, examples, bad, values, norms, grads = tf.while_loop(
+            lambda j, more, *_: tf.logical_and(j < k, more), body, (*start, zero_norms, zero_grads)
+        )
+        grads = [tf.math.divide_no_nan(g, examples) if c else None for g, c in zip(grads, connected)]
+        finite = tf.equal(bad, 0)
+        self.apply(grads, tf.logical_and(tf.reduce_all(finite), j > 0), norms / examples if self.norm_keys else None)
+        return j > 0, finite, tf.math.divide_no_nan(values, examples)
