@@ -82,3 +82,15 @@ def clone(model: keras.Model) -> keras.Model:
 
 def weights(model: keras.Model) -> list[np.ndarray]:
     return [np.array(w) for w in model.get_weights()]
+
+
+class Crash(keras.callbacks.Callback):
+    """Raises once the trainer's global step reaches ``step``: a crash at a known point, after its checkpoints."""
+
+    def __init__(self, trainer, step: int) -> None:
+        super().__init__()
+        self.trainer, self.step = trainer, step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.global_step >= self.step:
+            raise RuntimeError("simulated crash")

@@ -186,16 +186,6 @@ def test_component_keys_that_differ_between_replicas_are_an_error_not_a_hang():
         trainer.fit(helpers.example1_data(32), batch_size=16, progress=False)
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, trainer: Trainer, step: int) -> None:
-        super().__init__()
-        self.trainer, self.step = trainer, step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
-
-
 @pytest.mark.parametrize("dataset", [False, True], ids=["numpy", "tf.data"])
 def test_resume_mid_epoch_on_two_replicas_is_exact(dataset, tmp_path):
     """The distributed iterator and the replicas' tracker sums come back from the checkpoint."""
@@ -219,7 +209,7 @@ def test_resume_mid_epoch_on_two_replicas_is_exact(dataset, tmp_path):
     expected = straight.fit(data, checkpoint_dir=tmp_path / "a", **fit).history
     _, crashing = trainer(0)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        crashing.fit(data, checkpoint_dir=tmp_path / "b", callbacks=[_Crash(crashing, 9)], **fit)  # epoch 2
+        crashing.fit(data, checkpoint_dir=tmp_path / "b", callbacks=[helpers.Crash(crashing, 9)], **fit)  # epoch 2
     resumed_model, resumed = trainer(1)
     history = resumed.fit(data, checkpoint_dir=tmp_path / "b", **fit).history
     for key in expected:

@@ -103,16 +103,6 @@ def _model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(1, name="y")(hidden))
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, trainer: Trainer, step: int) -> None:
-        super().__init__()
-        self.trainer, self.step = trainer, step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
-
-
 def _data(n: int = 44):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, 5)).astype("float32")
@@ -129,7 +119,7 @@ def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_see
     if dataset:
         shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2, reshuffle_each_iteration=False)
         train = shuffled.batch(6).cache().prefetch(2)
-    callbacks = [_Crash(trainer, crash_at)] if crash_at else []
+    callbacks = [helpers.Crash(trainer, crash_at)] if crash_at else []
     fit_kwargs = {} if dataset else {"batch_size": 6}
     history = trainer.fit(
         train, epochs=epochs, callbacks=callbacks, progress=False, checkpoint_dir=directory, **fit_kwargs, **kwargs
