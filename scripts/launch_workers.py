@@ -5,9 +5,10 @@
 Each worker gets a free port and its ``TF_CONFIG`` (``{"cluster": {"worker": [...]}, "task": {"type": "worker",
 "index": i}}``) and runs ``train.py --strategy multiworker``. Worker 0 is the chief: its output is shown and it
 alone writes the run directory; the others' output goes to temporary log files, printed if a worker fails. When one
-worker fails, or this launcher gets SIGINT/SIGTERM, every worker is stopped by process id. The exit status is the
-first failing worker's (0 when all succeed). On several machines, run train.py on each with a TF_CONFIG naming
-every host instead.
+worker fails, every worker is stopped by process id. On SIGINT/SIGTERM the launcher sends SIGTERM to every worker:
+they agree on the step to stop at, write a checkpoint and exit; rerun the same command to resume. The exit status is
+the first failing worker's (0 when all succeed; 128 + the signal number when interrupted). On several machines, run
+train.py on each with a TF_CONFIG naming every host instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
+PREEMPTION_GRACE = 120.0  # seconds the workers get to finish their block and write the checkpoint
 
 
 def free_ports(n: int) -> list[int]:
@@ -40,12 +42,12 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Terminate, then kill, every process still running."""
+def stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM every process still running, then SIGKILL those still there after ``grace`` seconds."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + grace
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -63,7 +65,8 @@ def launch(workers: int, train_args: list[str]) -> int:
     processes: list[subprocess.Popen] = []
 
     def on_signal(signum, frame):
-        stop(processes)
+        # Every worker gets SIGTERM: they agree to stop at the same block, write a checkpoint and exit.
+        stop(processes, grace=PREEMPTION_GRACE)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

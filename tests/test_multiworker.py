@@ -6,11 +6,14 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from tests.test_cli import USER_TASK
 
@@ -66,3 +69,48 @@ def test_two_workers_match_one_process_resume_and_only_the_chief_writes(tmp_path
     assert {p.name for p in both.iterdir()} == {p.name for p in one.iterdir()}
     assert list(scratch.iterdir()) == [], "a non-chief worker left its temporary directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "scratch", "task.py", "two"]
+
+
+SLOW = """
+import time
+_fast_loss = loss
+
+
+def loss(outputs, targets):  # 0.2 s a step: time for a signal to land mid-run
+    parts = _fast_loss(outputs, targets)
+    pause = tf.numpy_function(lambda: np.float32(time.sleep(0.2) or 0.0), [], tf.float32)
+    return {**parts, "mse": parts["mse"] + tf.reshape(pause, [])}
+"""
+
+
+def test_sigterm_to_two_workers_stops_them_at_one_step_and_a_rerun_resumes_exactly(tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text(USER_TASK + SLOW)
+    flags = ["--task", str(task), "--batch-size", "16", "--no-progress", "--checkpoint-every", "2", "--epochs", "3"]
+    _run("train.py", *flags, "--logdir", str(tmp_path / "one"))
+    launch = [sys.executable, str(ROOT / "scripts" / "launch_workers.py"), "--workers", "2", "--", *flags,
+              "--logdir", str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "two" / "checkpoints" / "checkpoint").exists():  # the first checkpoint: step 2
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Training stopped by SIGTERM after step" in out and "To resume, run the same command" in out
+    stopped_at = tf.train.latest_checkpoint(str(tmp_path / "two" / "checkpoints"))
+    assert not stopped_at.endswith("ckpt-15"), "the signal landed after training ended: no mid-run stop tested"
+    _run("launch_workers.py", *launch[2:])
+    one, both = tmp_path / "one", tmp_path / "two"
+    for a, b in zip(_weights(task, one / "final.weights.h5"), _weights(task, both / "final.weights.h5"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    expected, got = _history(one / "history.csv"), _history(both / "history.csv")
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)

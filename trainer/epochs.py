@@ -10,6 +10,7 @@ SIGTERM/SIGINT finishes the block, writes a checkpoint and raises :class:`Traini
 from __future__ import annotations
 
 import contextlib
+import signal
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -130,9 +131,11 @@ class FitLoop:
             self._saved_step = self.trainer.global_step
         return self.checkpointer.last_saved
 
-    def _check_preemption(self) -> None:
-        if self.preemption is not None and self.preemption.signum is not None:
-            raise TrainingInterrupted(self.preemption.signum, self.trainer.global_step, self._save())
+    def _check_preemption(self, *, local: bool = True) -> None:
+        """Save and raise when a stop was agreed in a block, or (``local``) when a signal arrived here."""
+        signum = None if self.preemption is None else self.preemption.signum
+        if self.trainer._stop_agreed or (local and signum is not None):
+            raise TrainingInterrupted(signum or signal.SIGTERM, self.trainer.global_step, self._save())
 
     def after_block(self) -> None:
         """After each training block and its callbacks: a checkpoint when due, then a pending signal."""
@@ -162,10 +165,13 @@ class FitLoop:
         trainer, cbs, runner = self.trainer, self.cbs, self.runner
         first = self.restore()
         logs: dict[str, float] = {}
-        # Under multi-worker a signal reaches workers at different steps; stopping one alone would stall the others'
-        # collectives, so there signals act as usual and the periodic checkpoints are the way back.
-        catch = self.checkpointer is not None and not is_multi_worker(trainer.strategy)
+        # A signal reaches workers at different steps: under multi-worker the stop is agreed inside the next training
+        # block (an all-reduce of the request), so all stop at the same step and none waits in a collective.
+        alone = not is_multi_worker(trainer.strategy)
+        catch = self.checkpointer is not None
         with Preemption() if catch else contextlib.nullcontext() as self.preemption:
+            trainer._stop_agreed = False
+            trainer._stop_requested = lambda: self.preemption is not None and self.preemption.signum is not None
             cbs.on_train_begin(None)
             for epoch in range(first, epochs):
                 if not (epoch == runner.position.epoch and runner.position.epoch_steps > 0):
@@ -179,7 +185,7 @@ class FitLoop:
                 runner.next_epoch()
                 if trainer._stop.stop_training:
                     break
-                self._check_preemption()
+                self._check_preemption(local=alone)
             cbs.on_train_end(logs)
             self._save()
         return logs

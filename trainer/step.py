@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from losses import LossProtocolError, ShapeMismatchError
+from trainer.cluster import is_multi_worker
 from trainer.errors import DataError, MissingKeyError
 from trainer.update import StepMath
 
@@ -35,6 +36,7 @@ class BlockInfo:
     more: bool  # the data did not end
     skipped: int  # (skip policy) non-finite steps skipped this epoch
     consecutive: int  # (skip policy) non-finite steps in a row, up to the block's end
+    stopped: bool  # a stop was requested (on any worker): the block ran no step
     finite: np.ndarray  # per logged loss key: finite at the last step
     values: np.ndarray  # per logged loss key: value at the last step
     logs: dict[str, float]  # tracker results
@@ -91,6 +93,8 @@ class Steps:
         self._skip = nan_policy == "skip"
         self._max_skips = max_consecutive_skips
         self._accumulation = accumulation
+        self._strategy = strategy
+        self._multi_worker = is_multi_worker(strategy)
         # Skipped-step counters (skip policy): this epoch's total and the current run of consecutive skips.
         with strategy.scope():
             self.skipped = tf.Variable(0, trainable=False, name="skipped_steps")
@@ -108,7 +112,7 @@ class Steps:
         # Two loops per mode: "exact" when the host knows the data holds the batches (known cardinality; plain
         # next(), ~15 % faster on small models), "open" otherwise (get_next_as_optional, stops at the end).
         def block(mode: str, exact: bool) -> Callable:
-            return compiled(lambda iterator, n: self._block(mode, iterator, n, exact))
+            return compiled(lambda iterator, n, stop: self._block(mode, iterator, n, stop, exact))
 
         self.blocks = {(mode, exact): block(mode, exact) for mode in ("train", "eval") for exact in (True, False)}
 
@@ -122,7 +126,7 @@ class Steps:
         if self._run_eagerly:
             return block
         try:
-            return block.get_concrete_function(iterator, count)
+            return block.get_concrete_function(iterator, count, count)
         except Exception as err:
             raise _own_error(err) from None
 
@@ -150,14 +154,23 @@ class Steps:
             lambda: (tf.constant(False), finite, values),
         )
 
-    def _block(self, mode: str, iterator: Any, num_steps: tf.Tensor, exact: bool) -> BlockResult:
+    def _block(self, mode: str, iterator: Any, num_steps: tf.Tensor, stop: tf.Tensor, exact: bool) -> BlockResult:
         """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss.
 
-        Returns ``[steps run, data left, skipped, consecutive skips, finite flags..., loss values of the last
-        step..., tracker results...]``.
+        ``stop`` (0/1) is this process's request to stop (a signal arrived); it is summed over all replicas first,
+        so that every worker of a multi-worker run stops at the same block and none waits in a collective.
+
+        Returns ``[steps run, data left, skipped, consecutive skips, stopped, finite flags..., loss values of the
+        last step..., tracker results...]``.
         """
         self.traces[mode] += 1
         k = len(self.loss_keys)
+        if self._multi_worker:
+            stop = self._strategy.reduce(
+                tf.distribute.ReduceOp.SUM, self._strategy.run(lambda: tf.identity(stop)), axis=None
+            )
+        stopped = stop > 0
+        num_steps = tf.where(stopped, 0, num_steps)
         weights = self._loss_weights()  # they change only between blocks (from the host): read once per block
 
         def cond(i, more, finite, values, skipped, consecutive):
@@ -183,19 +196,22 @@ class Steps:
             self.consecutive.assign(consecutive)
         logs = self._trackers[mode].result()
         # One float vector, so that the host reads everything with a single copy (see ``unpack``).
-        head = tf.cast(tf.stack([ran, tf.cast(more, tf.int32), skipped, consecutive]), tf.float32)
+        head = tf.cast(
+            tf.stack([ran, tf.cast(more, tf.int32), skipped, consecutive, tf.cast(stopped, tf.int32)]), tf.float32
+        )
         return tf.concat([head, tf.cast(finite, tf.float32), values, tf.stack(list(logs.values()))], axis=0)
 
     def unpack(self, mode: str, block: np.ndarray) -> BlockInfo:
         """Split a block's vector (see :class:`BlockInfo`)."""
         k = len(self.loss_keys)
-        logs = dict(zip(self._trackers[mode].keys, block[4 + 2 * k :].tolist()))
+        logs = dict(zip(self._trackers[mode].keys, block[5 + 2 * k :].tolist()))
         return BlockInfo(
             ran=int(block[0]),
             more=bool(block[1]),
             skipped=int(block[2]),
             consecutive=int(block[3]),
-            finite=block[4 : 4 + k] > 0,
-            values=block[4 + k : 4 + 2 * k],
+            stopped=bool(block[4]),
+            finite=block[5 : 5 + k] > 0,
+            values=block[5 + k : 5 + 2 * k],
             logs=logs,
         )

@@ -125,6 +125,8 @@ class Trainer:
         self._periods: list[int] = []  # step periods callbacks asked for; train blocks end on their multiples
         self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
         self.global_step = 0  # training steps applied so far
+        self._stop_requested = lambda: False  # set by fit: a SIGTERM/SIGINT arrived in this process
+        self._stop_agreed = False  # some process asked to stop; every worker stops at the same block
 
     # -- public state ---------------------------------------------------------------------------------------------
 
@@ -333,7 +335,8 @@ class Trainer:
             on_block("begin", done, None)
             start = time.perf_counter()
             # The one host sync per block: everything the outer loop needs comes back in a single vector.
-            info = steps.unpack(mode, block(iterator, self._count(n)).numpy())
+            stop = self._count(int(mode == "train" and self._stop_requested()))
+            info = steps.unpack(mode, block(iterator, self._count(n), stop).numpy())
             sizer.observe(n, info.ran, time.perf_counter() - start)
             if mode == "train":
                 self.global_step += info.ran
@@ -341,6 +344,7 @@ class Trainer:
             done += info.ran
             if info.ran:
                 on_block("end", done - 1, info.logs)
+            self._stop_agreed = self._stop_agreed or info.stopped  # FitLoop saves and raises in `advanced`
             if advanced is not None:
                 advanced(info.ran)
             if not info.more:
