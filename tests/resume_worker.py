@@ -2,8 +2,9 @@
 
 Numpy input reshuffled each epoch, Dropout (RNG state), Adam (slots), 8 steps per epoch with a partial last batch.
 With ``--stall-at``, a callback writes ``DIR/stalled`` once the global step reaches STEP and then sleeps, so the
-test can kill the process at a known point (after the checkpoint at a multiple of 3, mid-epoch). On a normal end it
-writes the final weights and the History to OUT (an .npz).
+test can kill the process at a known point (after the checkpoint at a multiple of 3, mid-epoch). With the
+environment variable ``KILL_BEFORE_INDEX=STEP`` the process SIGKILLs itself in the middle of saving ckpt-STEP.
+On a normal end it writes the final weights and the History to OUT (an .npz).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,12 +37,29 @@ class Stall(keras.callbacks.Callback):
             time.sleep(float(os.environ.get("STALL_SECONDS", "60")))
 
 
+def die_before_naming(step: int) -> None:
+    """SIGKILL this process once checkpoint ``ckpt-<step>`` is written but before the index names it: the commit
+    point of a save, where a kill during a save lands at the latest."""
+    from tensorflow.python.checkpoint import checkpoint_management
+
+    record = checkpoint_management.CheckpointManager._record_state
+
+    def record_or_die(manager):
+        if manager.latest_checkpoint and manager.latest_checkpoint.endswith(f"ckpt-{step}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        record(manager)
+
+    checkpoint_management.CheckpointManager._record_state = record_or_die
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--stall-at", type=int)
     args = parser.parse_args()
+    if os.environ.get("KILL_BEFORE_INDEX"):
+        die_before_naming(int(os.environ["KILL_BEFORE_INDEX"]))
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5)).astype("float32")

@@ -95,6 +95,20 @@ def test_killed_mid_epoch_then_resumed_is_bit_identical(how, tmp_path, uninterru
     assert history == reference_history and len(history["loss"]) == 3
 
 
+def test_killed_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_path, uninterrupted):
+    """SIGKILL after ckpt-12's files are written but before the index names them: the index still says ckpt-9."""
+    out = tmp_path / "out.npz"
+    code, _, err = _finish(_worker(tmp_path, out, env={"KILL_BEFORE_INDEX": "12"}))
+    assert code == -signal.SIGKILL, err[-3000:]
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-9")
+    code, _, err = _finish(_worker(tmp_path, out))
+    assert code == 0, err[-3000:]
+    weights, history = _load(out)
+    reference, reference_history = uninterrupted
+    assert all(np.array_equal(a, b) for a, b in zip(weights, reference, strict=True))
+    assert history == reference_history
+
+
 def _model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
     """The seed fixes the initial weights and the dropout layer's own RNG seed."""
     keras.utils.set_random_seed(seed)
