@@ -192,3 +192,19 @@ def test_writers_close_when_training_fails(tmp_path):
             progress=False,
         )
     assert Closing.closed
+
+
+def test_plot_writer_throttles_and_always_writes_at_the_end(tmp_path, monkeypatch):
+    from trainer import plots
+
+    drawn = []
+    monkeypatch.setattr(
+        plots, "plot_history", lambda history, path: drawn.append({k: len(v) for k, v in history.items()})
+    )
+    writer = plots.PlotWriter(tmp_path / "curves.png", min_interval=3600)
+    for epoch in range(3):
+        writer.write_epoch(epoch, {"loss": 1.0 / (epoch + 1)})
+    assert drawn == [{"loss": 1}]  # the first epoch at once, then at most once an hour
+    writer.close()
+    writer.close()  # idempotent
+    assert drawn == [{"loss": 1}, {"loss": 3}]  # the end of the run: every epoch
