@@ -59,13 +59,20 @@ class EpochRunner:
         trackable = isinstance(self.iterator, tf.__internal__.tracking.Trackable)
         return self.iterator if self.data.is_dataset and trackable else None
 
+    @property
+    def steps(self) -> int | None:
+        """Training steps (optimizer updates) per epoch; None when the data's length is unknown."""
+        if self.steps_per_epoch is not None or self.data.steps is None:
+            return self.steps_per_epoch
+        return -(-self.data.steps // self.trainer.gradient_accumulation_steps)  # a short last group is a step
+
     def epoch(self, epoch: int, cbs: CallbackList, after_block) -> None:
         """Run one epoch's training steps (the rest of it, when resumed mid-epoch)."""
         trainer, pos = self.trainer, self.position
         if pos.epoch != epoch:
             pos.epoch, pos.epoch_steps = epoch, 0
         k = trainer.gradient_accumulation_steps  # batches per step
-        limit = self.steps_per_epoch or (None if self.data.steps is None else -(-self.data.steps // k))
+        limit = self.steps  # None: until the data ends
         per_epoch = self.steps_per_epoch is None
         while limit is None or pos.epoch_steps < limit:
             fresh = self.iterator is None

@@ -284,12 +284,12 @@ class Trainer:
         history = History()
         writers = [WriterCallback(ProgressWriter())] if progress else []
         self._stop = callback_model(self.model, self.optimizer)
-        k = self.gradient_accumulation_steps
-        steps = steps_per_epoch or (None if data.steps is None else -(-data.steps // k))
-        cbs = CallbackList([*callbacks, history, *writers], model=self._stop, params={"epochs": epochs, "steps": steps})
+        runner = EpochRunner(self, data, steps_per_epoch)
+        params = {"epochs": epochs, "steps": runner.steps}
+        cbs = CallbackList([*callbacks, history, *writers], model=self._stop, params=params)
         periods = [p for cb in [*cbs.callbacks, checkpointer] if cb for p in getattr(cb, "step_periods", list)()]
         self._periods = sorted(set(periods))
-        loop = FitLoop(self, EpochRunner(self, data, steps_per_epoch), val, cbs, history, checkpointer)
+        loop = FitLoop(self, runner, val, cbs, history, checkpointer)
         try:
             loop.run(epochs)
         finally:
