@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-__all__ = ["PerOutputLoss", "ShapeMismatchError", "per_output"]
+__all__ = ["PerOutputLoss", "ShapeMismatchError", "binary_or_sparse", "display_name", "per_output"]
 
 
 class ShapeMismatchError(ValueError):
@@ -51,15 +51,17 @@ def _keras_loss_names() -> list[str]:
     return sorted(names | {"mse", "mae", "mape", "msle", "crossentropy"})
 
 
-def _is_binary_or_sparse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[bool, bool]:
-    # The rule Keras applies to "crossentropy" and "accuracy" (keras/src/trainers/compile_utils.py).
+def binary_or_sparse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[bool, bool]:
+    """Keras' rule for ``"crossentropy"`` and ``"accuracy"`` (keras/src/trainers/compile_utils.py): binary when the
+    output has one unit, sparse when the target has lower rank or a trailing 1 against several units."""
     t_rank, p_rank = y_true.shape.rank, y_pred.shape.rank
     is_binary = y_pred.shape[-1] == 1
     is_sparse = t_rank < p_rank or (y_true.shape[-1] == 1 and y_pred.shape[-1] not in (None, 1))
     return is_binary, is_sparse
 
 
-def _display(identifier: object) -> str:
+def display_name(identifier: object) -> str:
+    """The name a Keras loss or metric identifier is logged under: the string, or the object's name."""
     if isinstance(identifier, str):
         return identifier
     return getattr(identifier, "name", None) or getattr(identifier, "__name__", type(identifier).__name__)
@@ -90,7 +92,7 @@ class PerOutputLoss:
         self.target = output if target is None else target
         self.sample_weight = sample_weight
         self.identifier = loss
-        self.name = _display(loss)
+        self.name = display_name(loss)
         self._loss: keras.losses.Loss | None = None
         if isinstance(loss, str):
             if loss.lower() not in ("crossentropy", "ce"):
@@ -121,7 +123,7 @@ class PerOutputLoss:
 
     def _resolve(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> keras.losses.Loss:
         if self._loss is None:  # "crossentropy": chosen from the shapes, as Keras does
-            is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
+            is_binary, is_sparse = binary_or_sparse(y_true, y_pred)
             if is_binary:
                 self._loss = keras.losses.BinaryCrossentropy(name=self.name)
             elif is_sparse:

@@ -15,14 +15,15 @@ import tensorflow as tf
 LossValue = tf.Tensor | Mapping[str, tf.Tensor]
 LossFn = Callable[[Mapping[str, tf.Tensor], Mapping[str, tf.Tensor]], LossValue]
 
-__all__ = ["LossFn", "LossProtocolError", "LossValue", "components"]
+__all__ = ["LossFn", "LossProtocolError", "LossValue", "components", "describe"]
 
 
 class LossProtocolError(TypeError):
     """A loss returned something the loss protocol does not allow (None, a non-scalar, an int, a nested dict...)."""
 
 
-def _describe(kind: str, name: str | None) -> str:
+def describe(kind: str, name: str | None) -> str:
+    """How messages name a loss or metric: ``the loss`` (unnamed) or ``loss 'det'``."""
     return f"the {kind}" if name is None else f"{kind} {name!r}"
 
 
@@ -63,7 +64,7 @@ def components(name: str | None, value: object, *, kind: str = "loss") -> dict[s
     Raises:
         LossProtocolError: the value is None, not floating, not scalar, a nested or empty dict, or has non-str keys.
     """
-    where = _describe(kind, name)
+    where = describe(kind, name)
     if isinstance(value, Mapping):
         if not value:
             raise LossProtocolError(f"{where} returned an empty dict; return at least one component.")

@@ -5,7 +5,8 @@ import numpy as np
 
 from tests import helpers
 from trainer import Trainer
-from trainer.blocks import BlockSizer, steps_to_boundary
+from trainer.blocks import BlockSizer
+from trainer.cadence import steps_to_boundary
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
 
@@ -21,7 +22,7 @@ def test_auto_grows_blocks_and_gives_bit_identical_results_to_one_step_per_call(
     assert h1 == h2
     for a, b in zip(helpers.weights(model), helpers.weights(twin)):
         np.testing.assert_array_equal(a, b)
-    assert auto._sizers["train"].size > 4  # ~1 ms steps: it doubled well past a handful
+    assert auto.runner.block_sizes["train"] > 4  # ~1 ms steps: it doubled well past a handful
     assert auto.trace_counts["train"] == 1
 
 

@@ -138,20 +138,34 @@ def test_same_command_with_same_logdir_resumes(task_file, tmp_path):
             np.testing.assert_array_equal(first.get_tensor(name), second.get_tensor(name))
 
 
-def test_mirrored_strategy_flag_trains(task_file, tmp_path):
-    """In its own process: one MirroredStrategy per process, as TensorFlow's collectives expect."""
+TWO_CPUS = """
+import runpy, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_mirrored_strategy_flag_trains_on_two_replicas_like_one_device(task_file, tmp_path):
+    """In its own process (one MirroredStrategy per process, as TensorFlow's collectives expect), on 2 logical
+    CPUs: the run is split over 2 replicas and logs what the default strategy logs on one device."""
     args = ["--task", str(task_file), "--strategy", "mirrored", "--logdir", str(tmp_path / "m"), "--no-progress"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        [sys.executable, "-c", TWO_CPUS, str(ROOT / "scripts" / "train.py"), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert np.isfinite(json.loads((tmp_path / "m" / "metrics.json").read_text())["loss"])
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["replicas"] >= 1
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["replicas"] == 2
+    one = _cli().main(["--task", str(task_file), "--logdir", str(tmp_path / "one"), "--no-progress"])
+    rows = list(csv.DictReader((tmp_path / "m" / "history.csv").open()))
+    for key in ("loss", "mse", "ce", "val_loss"):
+        np.testing.assert_allclose([float(r[key]) for r in rows], one.history[key], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -181,14 +195,16 @@ def test_clear_errors(args, message):
     ],
 )
 def test_invalid_flags_are_rejected(args, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         _cli().main(args)
+    assert exit_.value.code == 2  # argparse's usage error
     assert message in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         _cli().main(["--help"])
+    assert exit_.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--task", "--epochs", "--batch-size", "--seed", "--logdir", "--checkpoint-every",
                  "--steps-per-execution", "--strategy", "--no-progress"):  # fmt: skip

@@ -138,5 +138,5 @@ def test_accuracy_resolves_like_keras(output_units, labels, expected):
     keras_acc = keras_model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)["accuracy"]
     trainer = Trainer(model, optimizer="sgd", loss={"output": loss}, metrics={"output": ["accuracy"]})
     result = trainer.evaluate((x, {"output": y}), batch_size=8)
-    assert type(trainer._trackers["eval"].metrics["output/accuracy"]) is expected
+    assert type(trainer.runner.trackers["eval"].metrics["output/accuracy"]) is expected
     assert result["output/accuracy"] == pytest.approx(keras_acc, abs=1e-6)

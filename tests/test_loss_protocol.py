@@ -129,7 +129,7 @@ def test_loss_layer_with_trainable_variable_is_trained():
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"main": layer})
     trainer.fit((x, {"output": y}), batch_size=8, epochs=2, progress=False)
     assert layer.s.numpy() != 0.0  # the gradient of `s` is exp(-s)·0 + 1 on the "s" component: it moves
-    assert any(v is layer.s for v in trainer._steps.math._variables)
+    assert any(v is layer.s for v in trainer.trainable_variables)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from losses import MultiBoxLoss, SparseFocalLoss, UncertaintyWeighting, per_output, sparse_focal_loss
-from trainer import Trainer
+from trainer import MissingKeyError, Trainer
 
 
 def _log_softmax(z):
@@ -60,12 +60,14 @@ def test_multibox_matches_numpy_eager_graph_and_xla(seed, ratio):
 
 def test_multibox_with_no_positive_in_the_batch_is_zero_and_gradients_are_finite():
     box_pred, logits, box_true, labels = _case(3)
-    labels = np.where(labels > 0, 0, labels)
+    labels = np.where(labels > 0, 0, labels)  # no object anywhere in the batch
     variables = [tf.Variable(box_pred), tf.Variable(logits)]
     with tf.GradientTape() as tape:
         got = MultiBoxLoss()({"boxes": variables[0], "classes": variables[1]}, {"boxes": box_true, "classes": labels})
         total = got["loc"] + got["conf"]
     assert got["loc"].numpy() == 0.0 and got["conf"].numpy() == 0.0  # no positives: k = 0, nothing counts
+    for grad in tape.gradient(total, variables):  # 0/max(0, 1): zero gradients, not NaN
+        assert grad is not None and np.isfinite(grad.numpy()).all() and not grad.numpy().any()
     box_pred, logits, box_true, labels = _case(4)
     with tf.GradientTape() as tape:
         outputs = {"boxes": variables[0], "classes": variables[1]}
@@ -80,6 +82,14 @@ def test_multibox_key_names_are_configurable_and_missing_keys_are_named():
     loss = MultiBoxLoss(boxes="loc_out", classes="cls_out")
     got = loss({"loc_out": box_pred, "cls_out": logits}, {"loc_out": box_true, "cls_out": labels})
     assert got["conf"].numpy() == pytest.approx(numpy_multibox(box_pred, logits, box_true, labels)[1], rel=1e-4)
+    # A model whose class output is named "classes" (the default) while the loss reads "cls_out".
+    inp = keras.layers.Input((30, 4))
+    model = keras.Model(inp, {"loc_out": keras.layers.Dense(4)(inp), "classes": keras.layers.Dense(4)(inp)})
+    trainer = Trainer(model, loss=loss)
+    data = (box_true, {"loc_out": box_true, "cls_out": labels})
+    with pytest.raises(MissingKeyError, match=r"the loss reads output 'cls_out', .* outputs are: 'classes', 'loc_out'"):
+        trainer.fit(data, batch_size=4, progress=False)
+    assert trainer.global_step == 0
 
 
 def numpy_focal(labels, logits, gamma, alpha):

@@ -88,7 +88,7 @@ def test_mixed_precision_trains_close_to_float32(name, policy):
     trainer, history = _mixed_run(name)
     scaled = isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
     assert scaled == (name == "mixed_float16")  # loss scaling only where float16 needs it
-    assert trainer._trackers["train"].variables()[0].dtype == tf.float32
+    assert trainer.runner.trackers["train"].variables()[0].dtype == tf.float32
     tolerance = 2e-2 if name == "mixed_float16" else 6e-2  # bfloat16 keeps 8 bits of mantissa
     for key in ("loss", "mse", "ce", "agreement"):
         np.testing.assert_allclose(history[key], reference[key], rtol=tolerance, atol=1e-3, err_msg=key)

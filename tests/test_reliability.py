@@ -176,7 +176,7 @@ def test_damaged_latest_checkpoint_warns_and_falls_back(tmp_path):
     reference = _model()
     _fit(reference, tmp_path / "ref", checkpoint_every=4)
     model = _model()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", crash_at=13, checkpoint_every=4)  # checkpoints 4, 8, 12
     latest = tf.train.latest_checkpoint(str(tmp_path / "run"))
     assert latest.endswith("ckpt-12")

@@ -1,5 +1,6 @@
 """tapeloop's training loop: ``Trainer`` and the parts it composes."""
 
+from trainer.cadence import Every
 from trainer.callbacks import History
 from trainer.checkpoints import TrainingInterrupted
 from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
@@ -7,7 +8,7 @@ from trainer.plots import PlotWriter, plot_history
 from trainer.schedules import LossWeightSchedule
 from trainer.task import Task
 from trainer.trainer import Trainer
-from trainer.writers import CSVWriter, Every, MultiWriter, ProgressWriter, TensorBoardWriter, Writer, WriterCallback
+from trainer.writers import CSVWriter, MultiWriter, ProgressWriter, TensorBoardWriter, Writer, WriterCallback
 
 __all__ = [
     "CSVWriter",

@@ -3,17 +3,15 @@
 ``"auto"`` (tf.keras 2.x had it; Keras 3 dropped it) starts at 1 and doubles the block after every call that took
 less than half the target time (~50 ms), so the per-call overhead (Python, callbacks, the host read) becomes
 negligible without the user tuning anything. The step count is a tensor, so changing it never retraces. Blocks are
-also cut so that they end exactly on the step periods callbacks ask for (checkpoints, TensorBoard), and on the end
-of the epoch: cadences stay exact whatever the block size.
+also cut so that they end exactly on the step periods callbacks ask for (checkpoints, TensorBoard; see
+``trainer/cadence.py``), and on the end of the epoch: cadences stay exact whatever the block size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from trainer.options import AUTO
 
-__all__ = ["AUTO", "BlockSizer", "steps_to_boundary"]
-
-AUTO = "auto"
+__all__ = ["BlockSizer"]
 
 
 class BlockSizer:
@@ -45,9 +43,3 @@ class BlockSizer:
             self.size = min(self.size * 2, self.max_steps)
         elif seconds > self.target_seconds * 4 and self.size > 1:
             self.size //= 2
-
-
-def steps_to_boundary(step: int, periods: Iterable[int]) -> int | None:
-    """Steps from ``step`` to the next multiple of any period (None when there are no periods)."""
-    gaps = [period - step % period for period in periods]
-    return min(gaps) if gaps else None

@@ -16,12 +16,15 @@ import keras
 __all__ = ["CallbackList", "History", "callback_model"]
 
 
-class History(keras.callbacks.Callback):
-    """Per-epoch logs: ``history.history`` is ``{key: [one value per epoch]}``, as Keras' ``History``."""
+class History(keras.callbacks.History):
+    """Per-epoch logs: ``history.history`` is ``{key: [one value per epoch]}``; a ``keras.callbacks.History``.
+
+    Unlike Keras' own, it keeps its epochs at ``on_train_begin``: a resumed ``fit`` restores the epochs already
+    done (:meth:`restore`) before training begins.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
 
     def restore(self, history: Mapping[str, list[float]]) -> None:
@@ -29,10 +32,8 @@ class History(keras.callbacks.Callback):
         self.history = {key: list(values) for key, values in history.items()}
         self.epoch = list(range(max(map(len, self.history.values()), default=0)))
 
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        self.epoch.append(epoch)
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(value)
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        """Nothing: Keras' History forgets its epochs here; this one keeps the restored ones."""
 
 
 class _ModelStandIn:
@@ -58,11 +59,17 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[keras.callbacks.Callback], *, model: Any, params: dict[str, Any]) -> None:
         self.callbacks = list(callbacks)
+        self.model = model
         for callback in self.callbacks:
             if not isinstance(callback, keras.callbacks.Callback):
                 raise TypeError(f"callbacks must be keras.callbacks.Callback objects, got {type(callback).__name__}.")
             callback.set_model(model)
             callback.set_params(params)
+
+    @property
+    def stop_training(self) -> bool:
+        """A callback asked training to stop (``self.model.stop_training = True``, as with ``Model.fit``)."""
+        return bool(getattr(self.model, "stop_training", False))
 
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):

@@ -1,9 +1,12 @@
 """Checkpoints that resume exactly, and the signals that ask a run to stop.
 
-A checkpoint holds everything the rest of the run depends on: the model's variables (the dropout RNG state is one of
-them: Keras keeps ``SeedGenerator`` state in ``model.variables``), the optimizer's (its step counter, learning rate
-and slots), the losses' own variables, the loss weights, the training trackers (an epoch resumed mid-way logs the
-same means), the skipped-step counters, the step and epoch counters, the data position and the History so far.
+:class:`Checkpointer` knows nothing of the Trainer: it takes a mapping ``{name: trackable}`` (as detectron2's
+checkpointer takes a state dict) plus a JSON-able ``meta`` dict per save. ``Trainer.checkpoint_state()`` gives
+everything the rest of a run depends on: the model's variables (the dropout RNG state is one of them: Keras keeps
+``SeedGenerator`` state in ``model.variables``), the optimizer's (its step counter, learning rate and slots), the
+losses' own variables, the loss weights, the training trackers (an epoch resumed mid-way logs the same means) and
+the skipped-step counters; the epoch loop adds the step and epoch counters, the data position and the History so
+far as ``meta``, and the data iterator as an ``extra`` trackable when it can be saved.
 
 Data position: numpy input is reshuffled from (seed, epoch), so ``(epoch of the pass, batches taken)`` is enough and
 the resumed pass skips that many batches. A ``tf.data.Dataset``'s iterator is saved itself on one replica (tf.data
@@ -13,14 +16,15 @@ as the original run did. (A ``tf.data`` shuffle's order depends on TensorFlow's 
 ``reshuffle_each_iteration=True``, on how many iterators the process made: for exact resume across epochs shuffle
 with a seed and ``reshuffle_each_iteration=False``, and resume with the same global seed; or pass numpy input.)
 
-Writes go through ``tf.train.CheckpointManager``: a checkpoint is written under a temporary name and only then named
-in the ``checkpoint`` index, so a process killed mid-save leaves the previous checkpoint as the latest. Reads try
-the newest checkpoint the index names, and fall back to older ones with a warning naming the file that failed.
+Writes go through one ``tf.train.CheckpointManager`` for the run: a checkpoint is written under a temporary name
+and only then named in the ``checkpoint`` index, so a process killed mid-save leaves the previous checkpoint as the
+latest. Reads try the newest checkpoint the index names, and fall back to older ones with a warning naming the file
+that failed.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import shutil
@@ -28,19 +32,15 @@ import signal
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import keras
 import tensorflow as tf
 
-from trainer.cluster import is_chief
+from trainer.cadence import Every
 
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
-
-__all__ = ["Checkpointer", "Position", "Preemption", "TrainingInterrupted"]
+__all__ = ["Checkpointer", "Preemption", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(Exception):
@@ -56,17 +56,6 @@ class TrainingInterrupted(Exception):
         else:
             how = "no checkpoint was written (pass checkpoint_dir to fit to make runs resumable)."
         super().__init__(f"Training stopped by {name} after step {step}: {how}")
-
-
-@dataclass
-class Position:
-    """Where a run is: ``epoch`` in progress (or next), ``epoch_steps`` done in it, and the data iterator's pass
-    (``pass_epoch``: the epoch its dataset was built for, -1 for none; ``pass_position``: batches taken from it)."""
-
-    epoch: int = 0
-    epoch_steps: int = 0
-    pass_epoch: int = -1
-    pass_position: int = 0
 
 
 class Preemption:
@@ -98,7 +87,8 @@ class Preemption:
 
 
 class RunState(tf.train.experimental.PythonState):
-    """The counters and the History, saved inside the checkpoint as JSON (not variables: nothing to distribute)."""
+    """A JSON-able dict saved inside the checkpoint (counters, position, History: not variables, nothing to
+    distribute)."""
 
     def __init__(self) -> None:
         self.value: dict[str, Any] = {}
@@ -111,64 +101,64 @@ class RunState(tf.train.experimental.PythonState):
 
 
 class Checkpointer:
-    """Writes resumable checkpoints of a Trainer's run and restores the latest readable one.
+    """Writes resumable checkpoints of a mapping of trackables and restores the newest readable one.
 
     Args:
-        trainer: the built Trainer.
-        directory: where ``ckpt-<global step>`` files and the ``checkpoint`` index go.
+        directory: where ``ckpt-<step>`` files and the ``checkpoint`` index go.
+        state: ``{name: trackable}`` (variables, lists or dicts of them, modules, optimizers ...): what every
+            checkpoint holds. Names ``run`` and those passed as ``extra`` to :meth:`save` are taken.
         every_n_steps: write every this many training steps (blocks end exactly on these steps); None: only at the
             end of training and on SIGTERM/SIGINT.
         max_to_keep: how many checkpoints to keep (at least 2, so that a damaged latest one has a fallback).
+        chief: whether this process writes into ``directory``. Multi-worker: every worker saves (reading variables
+            is a collective), only the chief into ``directory``, the others into a temporary one (see ``close``).
     """
 
-    def __init__(self, trainer: Trainer, directory: str | os.PathLike, every_n_steps: int | None, max_to_keep: int = 3):
-        self.trainer = trainer
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        state: Mapping[str, Any],
+        *,
+        every_n_steps: int | None = None,
+        max_to_keep: int = 3,
+        chief: bool = True,
+    ) -> None:
+        if "run" in state:
+            raise ValueError("Checkpointer: the state name 'run' is reserved for the run's meta data.")
         self.directory = Path(directory)  # read by every worker
-        # Multi-worker: every worker saves (reading variables is a collective), only the chief into `directory`.
-        self.chief = is_chief(trainer.strategy)
-        self.write_directory = self.directory if self.chief else Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
-        self.every_n_steps = every_n_steps
-        self.max_to_keep = max(2, max_to_keep)
-        self._run = RunState()
+        self.chief = chief
+        self.write_directory = self.directory if chief else Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
+        self.every = Every(every_n_steps)
+        self._meta = RunState()
+        self._checkpoint = tf.train.Checkpoint(**state, run=self._meta)
+        self._manager = tf.train.CheckpointManager(
+            self._checkpoint, str(self.write_directory), max_to_keep=max(2, max_to_keep)
+        )
         self.last_saved: str | None = None
 
     def step_periods(self) -> list[int]:
-        return [self.every_n_steps] if self.every_n_steps else []
+        """Step periods training blocks must end on: ``every_n_steps``."""
+        return [] if self.every.n is None else [self.every.n]
 
-    def _state(self, iterator: Any = None) -> tf.train.Checkpoint:
-        trainer = self.trainer
-        state: dict[str, Any] = {
-            # Flat lists restore by position, whatever the layers' names; ``model`` also lets a user restore the
-            # model alone with ``tf.train.Checkpoint(model=model)``.
-            "model_variables": list(getattr(trainer.model, "variables", [])),
-            "optimizer": list(trainer.optimizer.variables),
-            "losses": trainer._objective.trainable_variables(),
-            "loss_weights": dict(trainer._objective.weights),
-            "trackers": trainer._trackers["train"].variables(),
-            "skips": [trainer._steps.skipped, trainer._steps.consecutive],
-            "run": self._run,
-        }
-        if isinstance(trainer.model, (tf.Module, keras.layers.Layer)):
-            state["model"] = trainer.model
-        if iterator is not None:
-            state["iterator"] = iterator
-        return tf.train.Checkpoint(**state)
+    @contextlib.contextmanager
+    def _attached(self, extra: Mapping[str, Any]) -> Iterator[tf.train.Checkpoint]:
+        """The checkpoint object with ``extra`` trackables attached, for one save or read."""
+        for name, trackable in extra.items():
+            setattr(self._checkpoint, name, trackable)
+        try:
+            yield self._checkpoint
+        finally:
+            for name in extra:
+                delattr(self._checkpoint, name)
 
     # -- writing --------------------------------------------------------------------------------------------------
 
-    def save(self, position: Position, history: dict[str, list[float]], iterator: Any = None) -> str:
-        """Write a checkpoint of the current state; ``iterator`` is the dataset iterator in use (None for numpy
-        input or between epochs). Returns its path."""
-        self._run.value = {
-            "global_step": self.trainer.global_step,
-            "position": dataclasses.asdict(position),
-            "history": history,
-        }
-        # A manager per save: each checkpoint may or may not hold an iterator. It reads the index it extends.
-        manager = tf.train.CheckpointManager(
-            self._state(iterator), str(self.write_directory), max_to_keep=self.max_to_keep
-        )
-        self.last_saved = manager.save(checkpoint_number=self.trainer.global_step)
+    def save(self, step: int, meta: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+        """Write checkpoint ``ckpt-<step>`` of the state plus ``extra`` (e.g. a data iterator that exists only
+        mid-epoch), with ``meta`` (JSON-able) inside it. Returns its path."""
+        self._meta.value = dict(meta)
+        with self._attached(extra or {}):
+            self.last_saved = self._manager.save(checkpoint_number=step)
         return self.last_saved
 
     # -- reading --------------------------------------------------------------------------------------------------
@@ -191,24 +181,30 @@ class Checkpointer:
             for leftover in self.directory.glob("*_temp*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
-    def restore(self, make_iterator) -> tuple[Position, dict[str, list[float]], Any] | None:
-        """Restore the newest readable checkpoint; None when there is none.
+    def restore(
+        self, attach: Callable[[dict[str, Any], set[str]], Mapping[str, Any]] = lambda meta, saved: {}
+    ) -> dict[str, Any] | None:
+        """Restore the newest readable checkpoint and return its ``meta``; None when there is none.
 
-        ``make_iterator(pass_epoch, pass_position)`` builds the data iterator for a position: for a dataset, a fresh
-        iterator that the checkpoint then restores; for numpy input, the skipped pass. Returns (position, History
-        so far, iterator or None).
+        ``attach(meta, saved)`` is called first with the checkpoint's meta and the top-level names it holds (the
+        state's, ``run``, and any extras it was saved with); it returns the extras to restore into (e.g. a fresh
+        data iterator built for the saved position). A checkpoint that cannot be read, or does not match the
+        state, is skipped with a warning naming it, and the previous one is tried; a failed read changes nothing.
+
+        Raises:
+            RuntimeError: checkpoints exist but none could be restored (the message names them).
         """
         self.clean_up()
         failed: list[str] = []
         for path in self.candidates():
             try:
-                tf.train.Checkpoint(run=self._run).read(path).expect_partial()
-                position = Position(**self._run.value["position"])
+                meta = RunState()
+                tf.train.Checkpoint(run=meta).read(path).expect_partial()
                 names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-                has_iterator = any(name.startswith("iterator/") for name in names)
-                iterator = make_iterator(position.pass_epoch, position.pass_position, has_iterator)
-                status = self._state(iterator if has_iterator else None).read(path)
-                status.assert_existing_objects_matched()
+                saved = {name.split("/")[0] for name in names}
+                extra = attach(meta.value, saved)
+                with self._attached(extra) as checkpoint:
+                    checkpoint.read(path).assert_existing_objects_matched()
             except Exception as err:
                 warnings.warn(
                     f"Checkpoint {path} could not be restored ({type(err).__name__}: {str(err)[:200]}); "
@@ -218,8 +214,7 @@ class Checkpointer:
                 )
                 failed.append(path)
                 continue
-            self.trainer.global_step = int(self._run.value["global_step"])
-            return position, self._run.value["history"], iterator
+            return meta.value
         if failed:
             raise RuntimeError(f"No checkpoint in {self.directory} could be restored; tried {', '.join(failed)}.")
         return None

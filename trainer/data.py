@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import DataError
+from trainer.options import positive_int
 
 __all__ = ["Data"]
 
@@ -81,9 +82,7 @@ class Data:
             return
         if batch_size is None:
             batch_size = 32
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"{what}: batch_size must be a positive int, got {batch_size!r}.")
-        self.batch_size = batch_size
+        self.batch_size = positive_int(f"{what}: batch_size", batch_size, error=DataError)
         self._arrays = self._check_arrays(source)
         self._dataset = None
         self.num_examples = len(_leaves(self._arrays, "")[0][1])

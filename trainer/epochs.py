@@ -1,199 +1,312 @@
 """The epoch loop of ``fit``: epochs over one data source, checkpoints, resume and preemption.
 
-``EpochRunner`` decides which batches an epoch sees (a fresh pass per epoch, or with ``steps_per_epoch`` one iterator
-running on) and keeps the data :class:`Position` a checkpoint records. ``FitLoop`` runs the epochs: it restores the
-latest checkpoint first (``epochs`` is an absolute target), writes checkpoints on their step period, and on
-SIGTERM/SIGINT finishes the block, writes a checkpoint and raises :class:`TrainingInterrupted`. The Trainer's
-``_run_blocks`` runs the batches in compiled blocks.
+``EpochRunner`` decides which batches an epoch sees, through one of two iterator policies — :class:`FreshPasses`
+(every epoch one new pass over the data) or :class:`RunningIterator` (with ``steps_per_epoch``: one iterator runs
+on across epochs) — and keeps the :class:`Position` a checkpoint records. ``FitLoop`` runs the epochs: it restores
+the latest checkpoint first (``epochs`` is an absolute target), writes checkpoints on their step period, and on
+SIGTERM/SIGINT finishes the block, writes a checkpoint and raises :class:`TrainingInterrupted`. Both drive the
+compiled blocks through the :class:`~trainer.runner.BlockRunner` alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
 
 from trainer.callbacks import CallbackList, History
-from trainer.checkpoints import Checkpointer, Position, Preemption, TrainingInterrupted
-from trainer.cluster import is_multi_worker
+from trainer.checkpoints import Checkpointer, Preemption, TrainingInterrupted
 from trainer.data import Data
 from trainer.errors import DataError
+from trainer.runner import BlockHooks, BlockRunner
+from trainer.step import BlockInfo
 
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+__all__ = ["EpochRunner", "FitLoop", "FreshPasses", "Position", "RunningIterator"]
 
-__all__ = ["EpochRunner", "FitLoop"]
+ITERATOR = "iterator"  # the checkpoint slot of a dataset's iterator
+
+
+@dataclass
+class Position:
+    """Where a run is: ``epoch`` in progress (or next), ``epoch_steps`` done in it, and the data iterator's pass
+    (``pass_epoch``: the epoch its dataset was built for, -1 for none; ``pass_position``: batches taken from it)."""
+
+    epoch: int = 0
+    epoch_steps: int = 0
+    pass_epoch: int = -1
+    pass_position: int = 0
+
+    def enter(self, epoch: int) -> None:
+        """Epoch ``epoch`` runs (its first step, or the rest of it when it was resumed mid-way)."""
+        if self.epoch != epoch:
+            self.epoch, self.epoch_steps = epoch, 0
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.epoch_steps > 0
+
+    def start_pass(self, epoch: int) -> None:
+        self.pass_epoch, self.pass_position = epoch, 0
+
+    def end_pass(self) -> None:
+        self.pass_epoch, self.pass_position = -1, 0
+
+    def advance(self, steps: int, batches_per_step: int) -> None:
+        """``steps`` training steps ran (a short last step of a pass ends the pass anyway)."""
+        self.epoch_steps += steps
+        self.pass_position += steps * batches_per_step
+
+    def next_epoch(self) -> None:
+        self.epoch, self.epoch_steps = self.epoch + 1, 0
+
+
+class FreshPasses:
+    """Without ``steps_per_epoch``: every epoch is one new pass over the data (numpy input reshuffled for it)."""
+
+    def __init__(self, data: Data, batches_per_step: int) -> None:
+        self.steps = None if data.steps is None else -(-data.steps // batches_per_step)  # a short group is a step
+        self.exact = data.steps is not None and data.steps % batches_per_step == 0  # the pass holds every step
+
+    def run_epoch(self, epochs: EpochRunner, run) -> None:
+        iterator = epochs.iterator or epochs.open_pass()
+        budget = None if self.steps is None else self.steps - epochs.position.epoch_steps
+        _, ended = run(iterator, budget, self.exact)
+        if ended:
+            epochs.check_not_empty()
+        epochs.close_pass()
+
+
+class RunningIterator:
+    """With ``steps_per_epoch``: one iterator runs on across epochs, and a new pass starts when finite data ends."""
+
+    exact = False  # the data may end inside any block
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.steps = steps_per_epoch
+
+    def run_epoch(self, epochs: EpochRunner, run) -> None:
+        while epochs.position.epoch_steps < self.steps:
+            iterator = epochs.iterator or epochs.open_pass()
+            _, ended = run(iterator, self.steps - epochs.position.epoch_steps, self.exact)
+            if not ended:
+                return  # the epoch's steps ran, or a callback stopped training
+            epochs.check_not_empty()
+            epochs.close_pass()
+
+
+class _Advancing(BlockHooks):
+    """The caller's hooks, with the position advanced first after every block."""
+
+    def __init__(self, hooks: BlockHooks, position: Position, batches_per_step: int) -> None:
+        self.hooks, self.position, self.batches_per_step = hooks, position, batches_per_step
+
+    def begin(self) -> None:
+        self.hooks.begin()
+
+    def end(self, info: BlockInfo) -> None:
+        self.position.advance(info.ran, self.batches_per_step)
+        self.hooks.end(info)
+
+    def stop_requested(self) -> bool:
+        return self.hooks.stop_requested()
+
+    def should_stop(self) -> bool:
+        return self.hooks.should_stop()
 
 
 class EpochRunner:
-    """Training epochs over one data source: a fresh pass per epoch, or (with steps_per_epoch) one running on."""
+    """Training epochs over one data source, with the iterator policy ``steps_per_epoch`` selects.
 
-    def __init__(self, trainer: Trainer, data: Data, steps_per_epoch: int | None) -> None:
-        self.trainer = trainer
+    Args:
+        runner: runs the compiled blocks.
+        data: the training data.
+        steps_per_epoch: None for :class:`FreshPasses`, else :class:`RunningIterator`.
+        batches_per_step: ``gradient_accumulation_steps``.
+    """
+
+    def __init__(self, runner: BlockRunner, data: Data, steps_per_epoch: int | None, batches_per_step: int) -> None:
+        self.runner = runner
         self.data = data
-        self.steps_per_epoch = steps_per_epoch
+        self.batches_per_step = batches_per_step
+        self.policy = (
+            FreshPasses(data, batches_per_step) if steps_per_epoch is None else RunningIterator(steps_per_epoch)
+        )
         self.iterator: Any = None
         self.position = Position()
-
-    def make_iterator(self, pass_epoch: int, pass_position: int, restored_by_checkpoint: bool) -> Any:
-        """The iterator of a saved position: numpy input skips to it; a dataset's iterator is restored by the
-        checkpoint, or — a distributed iterator cannot be checkpointed — replays ``pass_position`` batches."""
-        if pass_epoch < 0:
-            return None
-        if not self.data.is_dataset:
-            return self.trainer._distribute(self.data.dataset(pass_epoch, skip_batches=pass_position))
-        iterator = self.trainer._distribute(self.data.dataset(pass_epoch))
-        if not restored_by_checkpoint:
-            for _ in range(pass_position):  # reads the batches again, computes nothing
-                next(iterator)
-        return iterator
-
-    def resume(self, position: Position, iterator: Any) -> None:
-        self.position, self.iterator = position, iterator
-
-    def saved_iterator(self) -> Any:
-        """What a checkpoint stores of the data: a dataset's iterator when it can be checkpointed (one replica);
-        otherwise the position alone (numpy input; a distributed iterator)."""
-        trackable = isinstance(self.iterator, tf.__internal__.tracking.Trackable)
-        return self.iterator if self.data.is_dataset and trackable else None
 
     @property
     def steps(self) -> int | None:
         """Training steps (optimizer updates) per epoch; None when the data's length is unknown."""
-        if self.steps_per_epoch is not None or self.data.steps is None:
-            return self.steps_per_epoch
-        return -(-self.data.steps // self.trainer.gradient_accumulation_steps)  # a short last group is a step
+        return self.policy.steps
 
-    def epoch(self, epoch: int, cbs: CallbackList, after_block) -> None:
-        """Run one epoch's training steps (the rest of it, when resumed mid-epoch)."""
-        trainer, pos = self.trainer, self.position
-        if pos.epoch != epoch:
-            pos.epoch, pos.epoch_steps = epoch, 0
-        k = trainer.gradient_accumulation_steps  # batches per step
-        limit = self.steps  # None: until the data ends
-        per_epoch = self.steps_per_epoch is None
-        while limit is None or pos.epoch_steps < limit:
-            fresh = self.iterator is None
-            if fresh:
-                self.iterator = trainer._distribute(self.data.dataset(epoch))
-                pos.pass_epoch, pos.pass_position = epoch, 0
-            offset = pos.epoch_steps
+    def open_pass(self) -> Any:
+        """A new pass over the data, built for the current epoch."""
+        self.position.start_pass(self.position.epoch)
+        self.iterator = self.runner.distribute(self.data.dataset(self.position.epoch))
+        return self.iterator
 
-            def on_block(event: str, index: int, logs: dict[str, float] | None, offset: int = offset) -> None:
-                getattr(cbs, f"on_train_batch_{event}")(index + offset, logs)
+    def close_pass(self) -> None:
+        self.iterator = None
+        self.position.end_pass()
 
-            def advanced(ran: int) -> None:
-                pos.epoch_steps += ran
-                pos.pass_position += ran * k  # in batches (a short last step ends its pass anyway)
-                after_block()
+    def check_not_empty(self) -> None:
+        if self.position.pass_position == 0:
+            raise DataError("training data is empty: a pass over it yielded no batch.")
 
-            budget = None if limit is None else limit - pos.epoch_steps
-            # the pass holds exactly `budget` more steps' batches
-            known = per_epoch and limit is not None and self.data.steps % k == 0
-            _, ended = trainer._run_blocks("train", self.iterator, budget, on_block, advanced, known_length=known)
-            if ended or per_epoch:
-                if pos.pass_position == 0:
-                    raise DataError("training data is empty: a pass over it yielded no batch.")
-                if ended:
-                    self.iterator = None  # finite data: the next block starts a new pass
-            if per_epoch or trainer._stop.stop_training:
-                break
-        if per_epoch:
-            self.iterator = None
-            pos.pass_epoch, pos.pass_position = -1, 0
+    def run_epoch(self, epoch: int, hooks: BlockHooks) -> None:
+        """Run epoch ``epoch``'s training steps (the rest of it, when resumed mid-epoch)."""
+        self.position.enter(epoch)
+        hooks = _Advancing(hooks, self.position, self.batches_per_step)
+        self.policy.run_epoch(self, lambda it, budget, exact: self.runner.run("train", it, budget, hooks, exact=exact))
 
-    def next_epoch(self) -> None:
-        self.position.epoch += 1
-        self.position.epoch_steps = 0
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def resume(self, position: Position, iterator: Any) -> None:
+        self.position, self.iterator = position, iterator
+
+    def iterator_at(self, position: Position, restored_by_checkpoint: bool) -> Any:
+        """The iterator of a saved position: numpy input skips to it; a dataset's iterator is restored by the
+        checkpoint, or — a distributed iterator cannot be checkpointed — replays ``pass_position`` batches."""
+        if position.pass_epoch < 0:
+            return None
+        if not self.data.is_dataset:
+            return self.runner.distribute(self.data.dataset(position.pass_epoch, skip_batches=position.pass_position))
+        iterator = self.runner.distribute(self.data.dataset(position.pass_epoch))
+        if not restored_by_checkpoint:
+            for _ in range(position.pass_position):  # reads the batches again, computes nothing
+                next(iterator)
+        return iterator
+
+    def saved_iterator(self) -> Any:
+        """What a checkpoint stores of the data: a dataset's iterator when it can be checkpointed (one replica);
+        otherwise None, and the position alone is enough (numpy input) or is replayed (a distributed iterator)."""
+        trackable = isinstance(self.iterator, tf.__internal__.tracking.Trackable)
+        return self.iterator if self.data.is_dataset and trackable else None
 
 
-class FitLoop:
-    """One ``fit`` call's epochs, with optional checkpoints (``checkpoint_dir``) and resume."""
+class FitLoop(BlockHooks):
+    """One ``fit`` call's epochs, with optional checkpoints (``checkpoint_dir``) and resume.
+
+    It is also the hooks of every training block: batch callbacks, a checkpoint when due, a pending signal.
+    """
 
     def __init__(
         self,
-        trainer: Trainer,
-        runner: EpochRunner,
-        val: Data | None,
-        cbs: CallbackList,
+        runner: BlockRunner,
+        epochs: EpochRunner,
+        validation: Data | None,
+        callbacks: CallbackList,
         history: History,
         checkpointer: Checkpointer | None,
     ) -> None:
-        self.trainer = trainer
         self.runner = runner
-        self.val = val
-        self.cbs = cbs
+        self.epochs = epochs
+        self.validation = validation
+        self.callbacks = callbacks
         self.history = history
         self.checkpointer = checkpointer
         self.preemption: Preemption | None = None
+        self.stop_agreed = False  # some process asked to stop; every worker stops at the same block
         self._saved_step = -1
+
+    # -- block hooks ----------------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.callbacks.on_train_batch_begin(self.epochs.position.epoch_steps, None)
+
+    def end(self, info: BlockInfo) -> None:
+        if info.ran:
+            self.callbacks.on_train_batch_end(self.epochs.position.epoch_steps - 1, info.logs)
+        step = self.runner.global_step
+        if self.checkpointer is not None and self.checkpointer.every.due(step - info.ran, step):
+            self._save()
+        self.stop_agreed = self.stop_agreed or info.stopped
+        self._check_preemption()
+
+    def stop_requested(self) -> bool:
+        return self.preemption is not None and self.preemption.signum is not None
+
+    def should_stop(self) -> bool:
+        return self.callbacks.stop_training
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def _save(self) -> str | None:
         if self.checkpointer is None:
             return None
-        if self._saved_step != self.trainer.global_step or self.checkpointer.last_saved is None:
-            self.checkpointer.save(self.runner.position, self.history.history, self.runner.saved_iterator())
-            self._saved_step = self.trainer.global_step
+        step = self.runner.global_step
+        if self._saved_step != step or self.checkpointer.last_saved is None:
+            meta = {"global_step": step, "position": dataclasses.asdict(self.epochs.position)}
+            iterator = self.epochs.saved_iterator()
+            extra = {} if iterator is None else {ITERATOR: iterator}
+            self.checkpointer.save(step, {**meta, "history": self.history.history}, extra)
+            self._saved_step = step
         return self.checkpointer.last_saved
 
     def _check_preemption(self, *, local: bool = True) -> None:
         """Save and raise when a stop was agreed in a block, or (``local``) when a signal arrived here."""
         signum = None if self.preemption is None else self.preemption.signum
-        if self.trainer._stop_agreed or (local and signum is not None):
-            raise TrainingInterrupted(signum or signal.SIGTERM, self.trainer.global_step, self._save())
-
-    def after_block(self) -> None:
-        """After each training block and its callbacks: a checkpoint when due, then a pending signal."""
-        every = self.checkpointer.every_n_steps if self.checkpointer else None
-        step = self.trainer.global_step
-        if every and step % every == 0 and step != self._saved_step:
-            self._save()
-        self._check_preemption()
+        if self.stop_agreed or (local and signum is not None):
+            raise TrainingInterrupted(signum or signal.SIGTERM, self.runner.global_step, self._save())
 
     def restore(self) -> int:
         """Restore the latest checkpoint, if any; returns the first epoch to run."""
         if self.checkpointer is None:
             return 0
-        restored = self.checkpointer.restore(self.runner.make_iterator)
-        if restored is None:
+        restored: dict[str, Any] = {}
+
+        def attach(meta: dict[str, Any], saved: set[str]) -> dict[str, Any]:
+            position = Position(**meta["position"])
+            iterator = self.epochs.iterator_at(position, restored_by_checkpoint=ITERATOR in saved)
+            restored.update(position=position, iterator=iterator)
+            return {ITERATOR: iterator} if ITERATOR in saved else {}
+
+        meta = self.checkpointer.restore(attach)
+        if meta is None:
             return 0
-        position, past, iterator = restored
-        self.runner.resume(position, iterator)
-        self.history.restore(past)
-        self._saved_step = self.trainer.global_step
-        for callback in self.cbs.callbacks:
+        position = restored["position"]
+        self.epochs.resume(position, restored["iterator"])
+        self.runner.global_step = self._saved_step = int(meta["global_step"])
+        self.history.restore(meta["history"])
+        for callback in self.callbacks.callbacks:
             if hasattr(callback, "on_resume"):
-                callback.on_resume(past, self.trainer.global_step, position.epoch_steps)
+                callback.on_resume(meta["history"], self.runner.global_step, position.epoch_steps)
         return position.epoch
 
+    # -- the loop -------------------------------------------------------------------------------------------------
+
     def run(self, epochs: int) -> dict[str, float]:
-        trainer, cbs, runner = self.trainer, self.cbs, self.runner
+        """Train to epoch ``epochs`` (absolute); returns the last epoch's logs."""
+        runner, callbacks = self.runner, self.callbacks
         first = self.restore()
+        position = self.epochs.position
         logs: dict[str, float] = {}
         # A signal reaches workers at different steps: under multi-worker the stop is agreed inside the next training
         # block (an all-reduce of the request), so all stop at the same step and none waits in a collective.
-        alone = not is_multi_worker(trainer.strategy)
+        alone = not runner.multi_worker
         catch = self.checkpointer is not None
         with Preemption() if catch else contextlib.nullcontext() as self.preemption:
-            trainer._stop_agreed = False
-            trainer._stop_requested = lambda: self.preemption is not None and self.preemption.signum is not None
-            cbs.on_train_begin(None)
+            self.stop_agreed = False
+            callbacks.on_train_begin(None)
             for epoch in range(first, epochs):
-                if not (epoch == runner.position.epoch and runner.position.epoch_steps > 0):
-                    trainer._reset_epoch()  # a resumed epoch keeps its restored trackers
-                cbs.on_epoch_begin(epoch, None)
-                runner.epoch(epoch, cbs, self.after_block)
-                logs = trainer._epoch_logs()
-                if self.val is not None:
-                    logs.update({f"val_{k}": v for k, v in trainer._evaluate(self.val, cbs).items()})
-                cbs.on_epoch_end(epoch, logs)
-                runner.next_epoch()
-                if trainer._stop.stop_training:
+                if not (epoch == position.epoch and position.mid_epoch):
+                    runner.reset("train")  # a resumed epoch keeps its restored trackers
+                callbacks.on_epoch_begin(epoch, None)
+                self.epochs.run_epoch(epoch, self)
+                logs = runner.logs("train")
+                if self.validation is not None:
+                    val = runner.evaluate(self.validation.dataset(), self.validation.steps, callbacks)
+                    logs.update({f"val_{key}": value for key, value in val.items()})
+                callbacks.on_epoch_end(epoch, logs)
+                position.next_epoch()
+                if callbacks.stop_training:
                     break
                 self._check_preemption(local=alone)
-            cbs.on_train_end(logs)
+            callbacks.on_train_end(logs)
             self._save()
         return logs
 

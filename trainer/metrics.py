@@ -14,18 +14,11 @@ import keras
 import tensorflow as tf
 
 from losses import components
+from losses.adapters import binary_or_sparse, display_name
 from trainer.errors import names
 from trainer.structure import KeyedView, call_reader
 
 __all__ = ["MetricSpec"]
-
-
-def _is_binary_or_sparse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[bool, bool]:
-    # Keras' rule for "accuracy" (keras/src/trainers/compile_utils.py): binary when the output has one unit,
-    # sparse when the target has lower rank or a trailing 1 against several units.
-    is_binary = y_pred.shape[-1] == 1
-    is_sparse = y_true.shape.rank < y_pred.shape.rank or (y_true.shape[-1] == 1 and y_pred.shape[-1] not in (None, 1))
-    return is_binary, is_sparse
 
 
 def _metric_names() -> list[str]:
@@ -38,7 +31,7 @@ def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: s
         return type(identifier).from_config(identifier.get_config())
     if isinstance(identifier, str):
         if identifier.lower() in ("accuracy", "acc"):
-            is_binary, is_sparse = _is_binary_or_sparse(y_true, y_pred)
+            is_binary, is_sparse = binary_or_sparse(y_true, y_pred)
             cls = (
                 keras.metrics.BinaryAccuracy
                 if is_binary
@@ -58,12 +51,6 @@ def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: s
             return resolved
         return keras.metrics.MeanMetricWrapper(resolved, name=identifier)
     return keras.metrics.MeanMetricWrapper(identifier, name=getattr(identifier, "__name__", "metric"))
-
-
-def _metric_name(identifier: object) -> str:
-    if isinstance(identifier, str):
-        return identifier
-    return getattr(identifier, "name", None) or getattr(identifier, "__name__", type(identifier).__name__)
 
 
 class MetricSpec:
@@ -98,7 +85,7 @@ class MetricSpec:
             for entry in entries:
                 if not (isinstance(entry, (str, keras.metrics.Metric)) or callable(entry)):
                     raise TypeError(f"metrics[{key!r}] holds {entry!r}; expected a metric name or Metric object.")
-            seen = [_metric_name(e) for e in entries]
+            seen = [display_name(e) for e in entries]
             dupes = sorted({n for n in seen if seen.count(n) > 1})
             if dupes:
                 raise ValueError(f"metrics[{key!r}] names {names(dupes)} more than once.")
@@ -114,7 +101,7 @@ class MetricSpec:
             y_pred = KeyedView(outputs, kind="output", reader=reader, hint=output_hint)[output]
             y_true = KeyedView(targets, kind="target", reader=reader)[output]
             for entry in entries:
-                key = f"{output}/{_metric_name(entry)}"
+                key = f"{output}/{display_name(entry)}"
                 built[key] = _resolve(entry, y_true, y_pred, output)
                 self._output_of[key] = output
         return built

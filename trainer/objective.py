@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from losses import LossProtocolError, components, per_output
+from losses.protocol import describe
 from trainer.errors import names
 from trainer.structure import call_reader
 
@@ -31,10 +32,6 @@ def _is_keras_function(fn: object) -> bool:
     """A Keras loss function such as ``keras.losses.mean_squared_error``: per-output, (y_true, y_pred)."""
     module = getattr(fn, "__module__", None) or ""  # None for functions made by exec (notebooks, some REPLs)
     return callable(fn) and not isinstance(fn, type) and module.split(".")[0] == "keras"
-
-
-def _describe(name: str | None) -> str:
-    return "the loss" if name is None else f"loss {name!r}"
 
 
 class Objective:
@@ -85,16 +82,11 @@ class Objective:
         self.weights: dict[str, tf.Variable] = {}
         self.keys: list[str] = []
         self._name_of: dict[str, str | None] = {}
-        self.has_regularization = False
 
     @property
     def names(self) -> list[str]:
         """The loss names (keys of the loss dict); empty for a single unnamed loss."""
         return [n for n in self._entries if n is not None]
-
-    @property
-    def built(self) -> bool:
-        return bool(self.keys)
 
     def trainable_variables(self) -> list[tf.Variable]:
         """Variables owned by the losses themselves (a loss Layer's weights), trained with the model."""
@@ -126,7 +118,7 @@ class Objective:
         """Run every loss on the full output and target dicts; return the unweighted components by key."""
         found: dict[str, tf.Tensor] = {}
         for name, fn in self._entries.items():
-            value = call_reader(fn, outputs, targets, reader=_describe(name), hint=output_hint)
+            value = call_reader(fn, outputs, targets, reader=describe("loss", name), hint=output_hint)
             if name is None and isinstance(value, Mapping) and TOTAL in value:
                 raise ValueError(
                     f"The loss returns a component named {TOTAL!r}, which is reserved for the weighted total; "
@@ -153,7 +145,7 @@ class Objective:
             self._name_of.setdefault(REGULARIZATION, None)
         return found
 
-    def build(self, keys: list[str], *, has_regularization: bool) -> None:
+    def build(self, keys: list[str]) -> None:
         """Create the weight variables once the component keys are known; validate ``loss_weights`` against them."""
         allowed = set(keys) | set(self.names)
         unknown = sorted(set(self._initial_weights) - allowed)
@@ -163,7 +155,6 @@ class Objective:
                 f"the loss names are {names(self.names)} and the component keys {names(keys)}."
             )
         self.keys = list(keys)
-        self.has_regularization = has_regularization
         for key in sorted(allowed):
             self.weights[key] = tf.Variable(
                 self._initial_weights.get(key, 1.0), trainable=False, dtype=tf.float32, name=f"loss_weight/{key}"
@@ -181,9 +172,8 @@ class Objective:
         """Every component's effective weight, in ``keys`` order (read once per compiled block)."""
         return tf.stack([self.weight(key) for key in self.keys])
 
-    def total(self, parts: Mapping[str, tf.Tensor], weights: tf.Tensor | None = None) -> tf.Tensor:
-        """The weighted sum that is optimised; ``weights`` is a precomputed :meth:`weight_vector`."""
-        weights = self.weight_vector() if weights is None else weights
+    def total(self, parts: Mapping[str, tf.Tensor], weights: tf.Tensor) -> tf.Tensor:
+        """The weighted sum that is optimised; ``weights`` is the block's :meth:`weight_vector`."""
         return tf.reduce_sum(weights * tf.stack([parts[key] for key in self.keys]))
 
     def logged_keys(self) -> list[str]:

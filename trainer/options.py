@@ -8,9 +8,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from trainer.blocks import AUTO
-
 __all__ = [
+    "AUTO",
     "NAN_POLICIES",
     "accepts_training",
     "check_flags",
@@ -20,12 +19,14 @@ __all__ = [
     "resolve_steps_per_execution",
 ]
 
+AUTO = "auto"  # steps_per_execution tuned at run time (trainer/blocks.py)
 NAN_POLICIES = ("raise", "skip")
 
 
-def positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object, *, error: type[Exception] = ValueError) -> int:
+    """``value`` as an int, or ``error`` naming ``name`` and quoting the value (bools are not ints here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        raise error(f"`{name}` must be a positive int, got {value!r}.")
     return int(value)
 
 

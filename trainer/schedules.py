@@ -1,20 +1,32 @@
 """Loss-weight schedules: set the loss-weight variables from functions of the epoch or of the global step.
 
 The weights are ``tf.Variable``s read once per compiled block, so a schedule never retraces. ``per="step"`` asks
-the Trainer to end blocks on multiples of ``every_n_steps`` (``step_periods``), so a change lands on exact steps.
+the block runner to end blocks on multiples of ``every_n_steps`` (``step_periods``, see ``trainer/cadence.py``), so
+a change lands on exact steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import keras
+import tensorflow as tf
 
+from trainer.cadence import Every
 from trainer.errors import names
+from trainer.options import choice, positive_int
 
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+
+class Weighted(Protocol):
+    """What a schedule needs of the Trainer: its loss weights and its global step."""
+
+    @property
+    def loss_weights(self) -> Mapping[str, tf.Variable]: ...
+
+    @property
+    def global_step(self) -> int: ...
+
 
 __all__ = ["LossWeightSchedule"]
 
@@ -34,24 +46,20 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
     def __init__(
         self,
-        trainer: Trainer,
+        trainer: Weighted,
         schedule: Mapping[str, Callable[[int], float]],
         *,
         per: str = "epoch",
         every_n_steps: int = 1,
     ) -> None:
         super().__init__()
-        if per not in ("epoch", "step"):
-            raise ValueError(f"`per` must be 'epoch' or 'step', got {per!r}.")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive int, got {every_n_steps!r}.")
+        self.per = choice("per", per, ("epoch", "step"))
         bad = [key for key, fn in schedule.items() if not callable(fn)]
         if bad:
             raise TypeError(f"LossWeightSchedule values must be functions; not callable: {names(bad)}.")
         self.trainer = trainer
         self.schedule = dict(schedule)
-        self.per = per
-        self.every_n_steps = every_n_steps
+        self.every = Every(positive_int("every_n_steps", every_n_steps))
 
     def _set(self, when: int) -> None:
         weights = self.trainer.loss_weights
@@ -64,7 +72,7 @@ class LossWeightSchedule(keras.callbacks.Callback):
             weights[key].assign(float(fn(when)))
 
     def step_periods(self) -> list[int]:
-        return [self.every_n_steps] if self.per == "step" else []
+        return [self.every.n] if self.per == "step" else []
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         if self.per == "epoch":
@@ -72,5 +80,4 @@ class LossWeightSchedule(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         if self.per == "step":
-            step = self.trainer.global_step
-            self._set(step - step % self.every_n_steps)  # the start of the period this block lies in
+            self._set(self.every.start(self.trainer.global_step))  # the start of the period this block lies in

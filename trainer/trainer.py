@@ -1,13 +1,14 @@
-"""The Trainer facade: validates options, wires objective, metrics, trackers and compiled steps, runs the outer loops.
+"""The Trainer facade: validates options, wires objective, metrics, trackers and compiled steps, runs the loops.
 
-The outer (Python) loop does what happens between compiled blocks: read the trackers once per block, run callbacks,
-stop. The inner loop lives in ``trainer/step.py``.
+A ``fit`` call takes this path (one file each): ``Trainer.fit`` -> the epoch loop (``trainer/epochs.py``) -> the
+block runner (``trainer/runner.py``) -> the compiled block and its in-graph loop (``trainer/step.py``) -> one step's
+mathematics (``trainer/update.py``). The Trainer builds the parts once it has seen the first batch and hands them
+to the loops; the loops reach nothing of the Trainer.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,16 +16,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.blocks import AUTO, BlockSizer, steps_to_boundary
 from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
-from trainer.cluster import is_multi_worker
+from trainer.cluster import is_chief
 from trainer.data import Data
 from trainer.epochs import EpochRunner, FitLoop
-from trainer.errors import DataError, NonFiniteLossError, names
+from trainer.errors import DataError, names
 from trainer.metrics import MetricSpec
 from trainer.objective import Objective
 from trainer.options import (
+    AUTO,
     NAN_POLICIES,
     accepts_training,
     check_flags,
@@ -34,7 +35,8 @@ from trainer.options import (
     resolve_steps_per_execution,
 )
 from trainer.predict import Predictor
-from trainer.step import BlockInfo, Steps
+from trainer.runner import BlockRunner
+from trainer.step import Steps
 from trainer.structure import as_output_dict, output_hint
 from trainer.tracking import Tracker
 from trainer.update import StepMath
@@ -43,7 +45,6 @@ from trainer.writers import ProgressWriter, WriterCallback
 __all__ = ["Trainer"]
 
 HALF = (tf.float16, tf.bfloat16)
-MULTI_WORKER_BLOCK = 16  # what steps_per_execution="auto" means across several workers
 
 
 class Trainer:
@@ -104,7 +105,7 @@ class Trainer:
         self.gradient_accumulation_steps = positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
         self.log_grad_norms = log_grad_norms
         self.model = model
-        self.steps_per_execution = steps_per_execution = resolve_steps_per_execution(steps_per_execution)
+        self.steps_per_execution = resolve_steps_per_execution(steps_per_execution)
         self.jit_compile = jit_compile
         self.run_eagerly = run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -115,18 +116,8 @@ class Trainer:
         self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._training_arg = accepts_training(model)
         self._hint = output_hint(model)
-        self._trackers: dict[str, Tracker] = {}
-        self._steps: Steps | None = None
+        self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._predictor: Predictor | None = None
-        self._counts: dict[int, tf.Tensor] = {}
-        # Workers must run blocks of the same length (their collectives pair up): no timing-based sizes there.
-        fixed = MULTI_WORKER_BLOCK if steps_per_execution == AUTO and is_multi_worker(self.strategy) else None
-        self._sizers = {mode: BlockSizer(fixed or steps_per_execution) for mode in ("train", "eval")}
-        self._periods: list[int] = []  # step periods callbacks asked for; train blocks end on their multiples
-        self._stop: Any = None  # what callbacks see as `model` during fit (carries stop_training)
-        self.global_step = 0  # training steps applied so far
-        self._stop_requested = lambda: False  # set by fit: a SIGTERM/SIGINT arrived in this process
-        self._stop_agreed = False  # some process asked to stop; every worker stops at the same block
 
     # -- public state ---------------------------------------------------------------------------------------------
 
@@ -140,12 +131,50 @@ class Trainer:
         return dict(self._objective.weights)
 
     @property
+    def runner(self) -> BlockRunner | None:
+        """The block runner (compiled blocks, trackers, block sizes); None until the first ``fit``/``evaluate``."""
+        return self._runner
+
+    @property
+    def global_step(self) -> int:
+        """Training steps (optimizer updates) applied so far; a resumed ``fit`` continues the saved count."""
+        return 0 if self._runner is None else self._runner.global_step
+
+    @property
+    def trainable_variables(self) -> list[tf.Variable]:
+        """What the optimizer trains: the model's trainable variables, then those the losses own."""
+        variables = getattr(self.model, "trainable_variables", None)
+        if variables is None:
+            raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
+        known = {id(v) for v in variables}
+        return list(variables) + [v for v in self._objective.trainable_variables() if id(v) not in known]
+
+    @property
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (``train``, ``eval``, ``predict``)."""
-        counts = dict(self._steps.traces) if self._steps else {}
+        counts = dict(self._runner.steps.traces) if self._runner else {}
         if self._predictor is not None:
             counts["predict"] = self._predictor.traces
         return counts
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resumable checkpoint holds of this Trainer, by name (see ``trainer/checkpoints.py``).
+
+        Flat variable lists restore by position, whatever the layers' names; ``model`` also lets a user restore
+        the model alone with ``tf.train.Checkpoint(model=model)``.
+        """
+        if self._runner is None:
+            raise RuntimeError("checkpoint_state() needs a built Trainer: call fit or evaluate first.")
+        state: dict[str, Any] = {
+            "model_variables": list(getattr(self.model, "variables", [])),
+            "optimizer": list(self.optimizer.variables),
+            "losses": self._objective.trainable_variables(),
+            "loss_weights": dict(self._objective.weights),
+            **self._runner.trackables(),
+        }
+        if isinstance(self.model, (tf.Module, keras.layers.Layer)):
+            state["model"] = self.model
+        return state
 
     # -- building -------------------------------------------------------------------------------------------------
 
@@ -156,55 +185,54 @@ class Trainer:
         return {k: tf.cast(v, tf.float32) if v.dtype in HALF else v for k, v in outputs.items()}
 
     def _regularization(self) -> tf.Tensor | None:
-        if not self._objective.has_regularization:
-            return None
-        return tf.add_n([tf.cast(loss, tf.float32) for loss in self.model.losses])
+        """``sum(model.losses)`` in float32, or None when the model carries no losses."""
+        losses = list(getattr(self.model, "losses", None) or ())
+        return tf.add_n([tf.cast(loss, tf.float32) for loss in losses]) if losses else None
+
+    def _probe(self, batch: Any) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor], dict[str, Any]]:
+        """Run the model, every loss and every metric once on ``batch``, eagerly and with ``training=False``, so a
+        missing key, a shape mismatch or a bad loss return fails here with a clear message, before any update.
+
+        Returns (loss components, metric callables' values, ``{mode: Keras metric objects}``).
+        """
+        inputs, targets = batch
+        outputs = self._forward(inputs, training=False)
+        self._objective.bind_outputs(list(outputs))
+        parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
+        metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+        per_mode = {mode: self._metrics.build(outputs, targets, self._hint) for mode in ("train", "eval")}
+        return parts, metric_values, per_mode
 
     def _build(self, batch: Any) -> None:
-        """Learn the structure from the first batch (outputs, components, metrics), before any update.
-
-        Runs the model and every loss once, eagerly and with ``training=False`` (no state changes), so a missing
-        key, a shape mismatch or a bad loss return fails here with a clear message.
-        """
-        if self._steps is not None:
+        """Learn the structure from the first batch (outputs, components, metrics) and build the compiled parts."""
+        if self._runner is not None:
             return
-        inputs, targets = batch
         with self.strategy.scope():
-            outputs = self._forward(inputs, training=False)
-            self._objective.bind_outputs(list(outputs))
-            has_regularization = bool(getattr(self.model, "losses", None))
-            regularization = tf.add_n(self.model.losses) if has_regularization else None
-            parts = self._objective.components(outputs, targets, regularization, self._hint)
-            self._objective.build(list(parts), has_regularization=has_regularization)
-            metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+            parts, metric_values, per_mode = self._probe(batch)
+            self._objective.build(list(parts))
             mean_keys = self._objective.logged_keys() + list(metric_values)
-            per_mode = {mode: self._metrics.build(outputs, targets, self._hint) for mode in ("train", "eval")}
             clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
             if clash or len(set(mean_keys)) != len(mean_keys):
                 raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
             norms = [f"grad_norm/{key}" for key in self._objective.keys] if self.log_grad_norms else []
-            self._trackers = {mode: Tracker(mean_keys, per_mode[mode], norms * (mode == "train")) for mode in per_mode}
-            variables = getattr(self.model, "trainable_variables", None)
-            if variables is None:
-                raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
-            known = {id(v) for v in variables}
-            variables = list(variables) + [v for v in self._objective.trainable_variables() if id(v) not in known]
+            trackers = {mode: Tracker(mean_keys, per_mode[mode], norms * (mode == "train")) for mode in per_mode}
+            variables = self.trainable_variables
             self.optimizer.build(variables)
             math = StepMath(
                 forward=self._forward,
                 regularization=self._regularization,
                 objective=self._objective,
                 metrics=self._metrics,
-                trackers=self._trackers,
+                trackers=trackers,
                 optimizer=self.optimizer,
                 variables=variables,
                 strategy=self.strategy,
                 log_grad_norms=self.log_grad_norms,
                 output_hint=self._hint,
             )
-            self._steps = Steps(
+            steps = Steps(
                 math=math,
-                trackers=self._trackers,
+                trackers=trackers,
                 loss_weights=self._objective.weight_vector,
                 strategy=self.strategy,
                 jit_compile=self.jit_compile,
@@ -213,15 +241,15 @@ class Trainer:
                 max_consecutive_skips=self.max_consecutive_skips,
                 accumulation=self.gradient_accumulation_steps,
             )
-
-    def _count(self, n: int) -> tf.Tensor:
-        """Step counts as (cached) tensors: a Python int would retrace the block for every new value."""
-        if n not in self._counts:
-            self._counts[n] = tf.constant(n, tf.int32)
-        return self._counts[n]
-
-    def _distribute(self, dataset: tf.data.Dataset) -> Any:
-        return iter(self.strategy.experimental_distribute_dataset(dataset))
+            self._runner = BlockRunner(
+                steps,
+                trackers,
+                optimizer=self.optimizer,
+                strategy=self.strategy,
+                steps_per_execution=self.steps_per_execution,
+                nan_policy=self.nan_policy,
+                max_consecutive_skips=self.max_consecutive_skips,
+            )
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -275,115 +303,39 @@ class Trainer:
         if data.infinite and steps_per_epoch is None:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
         val = None if validation_data is None else Data(validation_data, what="validation data", batch_size=batch_size)
-        if self._steps is None:
-            self._build(data.first_batch())
+        self._build(data.first_batch())
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
-            self._check_structure(val)  # validation runs after an epoch of updates: check it now
-        checkpointer = None if checkpoint_dir is None else Checkpointer(self, checkpoint_dir, checkpoint_every)
+            self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
+        runner = self._runner
+        checkpointer = None
+        if checkpoint_dir is not None:
+            chief = is_chief(self.strategy)  # multi-worker: only the chief writes into checkpoint_dir
+            state = self.checkpoint_state()
+            checkpointer = Checkpointer(checkpoint_dir, state, every_n_steps=checkpoint_every, chief=chief)
         history = History()
         writers = [WriterCallback(ProgressWriter())] if progress else []
-        self._stop = callback_model(self.model, self.optimizer)
-        runner = EpochRunner(self, data, steps_per_epoch)
-        params = {"epochs": epochs, "steps": runner.steps}
-        cbs = CallbackList([*callbacks, history, *writers], model=self._stop, params=params)
-        periods = [p for cb in [*cbs.callbacks, checkpointer] if cb for p in getattr(cb, "step_periods", list)()]
-        self._periods = sorted(set(periods))
-        loop = FitLoop(self, runner, val, cbs, history, checkpointer)
+        epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps)
+        params = {"epochs": epochs, "steps": epochs_runner.steps}
+        model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
+        callbacks = CallbackList([*callbacks, history, *writers], model=model, params=params)
+        sources = [*callbacks.callbacks, checkpointer]
+        runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
+        loop = FitLoop(runner, epochs_runner, val, callbacks, history, checkpointer)
         try:
             loop.run(epochs)
         finally:
-            cbs.teardown()
+            callbacks.teardown()
             loop.close()
         return history
 
-    def _reset_epoch(self) -> None:
-        self._trackers["train"].reset()
-        self._steps.skipped.assign(0)
-
-    def _epoch_logs(self) -> dict[str, float]:
-        """The epoch's training logs: every tracker (one host read); ``skipped_steps`` with ``nan_policy="skip"``."""
-        logs = {k: float(v) for k, v in self._trackers["train"].result().items()}
-        logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))  # schedules: the current value
-        if self.nan_policy == "skip":
-            logs["skipped_steps"] = float(self._steps.skipped.numpy())
-        return logs
-
-    def _check_structure(self, data: Data) -> None:
-        """Run the objective once on another source's first batch: its targets must carry what the losses read."""
-        inputs, targets = data.first_batch()
-        outputs = self._forward(inputs, training=False)
-        self._objective.components(outputs, targets, self._regularization(), self._hint)
-        self._metrics.build(outputs, targets, self._hint)
-        self._metrics.callable_values(outputs, targets, self._hint)
-
-    def _run_blocks(
-        self, mode: str, iterator: Any, budget: int | None, on_block, advanced=None, *, known_length: bool = False
-    ) -> tuple[int, bool]:
-        """Run compiled blocks until ``budget`` steps ran or the data ended; returns (steps run, data ended).
-
-        ``on_block(event, index, logs)`` brackets each block (batch callbacks); ``advanced(ran)`` runs after it.
-        ``known_length``: the iterator holds at least ``budget`` more batches (the faster exact loop is safe).
-        """
-        steps = self._steps
-        block = steps.block_for(mode, budget is not None and known_length, iterator, self._count(1))
-        sizer = self._sizers[mode]
-        done = 0
-        while budget is None or done < budget:
-            boundary = steps_to_boundary(self.global_step, self._periods) if mode == "train" else None
-            n = sizer.next(None if budget is None else budget - done, boundary)
-            on_block("begin", done, None)
-            start = time.perf_counter()
-            # The one host sync per block: everything the outer loop needs comes back in a single vector.
-            stop = self._count(int(mode == "train" and self._stop_requested()))
-            info = steps.unpack(mode, block(iterator, self._count(n), stop).numpy())
-            sizer.observe(n, info.ran, time.perf_counter() - start)
-            if mode == "train":
-                self.global_step += info.ran
-                self._raise_if_non_finite(info)
-            done += info.ran
-            if info.ran:
-                on_block("end", done - 1, info.logs)
-            self._stop_agreed = self._stop_agreed or info.stopped  # FitLoop saves and raises in `advanced`
-            if advanced is not None:
-                advanced(info.ran)
-            if not info.more:
-                return done, True
-            if mode == "train" and self._stop.stop_training:
-                break
-        return done, False
-
-    def _raise_if_non_finite(self, info: BlockInfo) -> None:
-        values = dict(zip(self._steps.loss_keys, info.values.tolist()))
-        bad = [k for k, ok in zip(self._steps.loss_keys, info.finite) if not ok]
-        if self.nan_policy == "raise" and bad:
-            raise NonFiniteLossError(bad, self.global_step + 1, values)
-        if self.nan_policy == "skip" and info.consecutive > self.max_consecutive_skips:
-            raise NonFiniteLossError(
-                bad, self.global_step, values, skipped=info.consecutive, limit=self.max_consecutive_skips
-            )
-
     # -- evaluate and predict -------------------------------------------------------------------------------------
-
-    def _evaluate(self, data: Data, cbs: CallbackList) -> dict[str, float]:
-        tracker = self._trackers["eval"]
-        tracker.reset()
-        cbs.on_test_begin(None)
-
-        def on_block(event: str, index: int, logs: dict[str, float] | None) -> None:
-            getattr(cbs, f"on_test_batch_{event}")(index, logs)
-
-        self._run_blocks("eval", self._distribute(data.dataset()), data.steps, on_block, known_length=True)
-        logs = {k: float(v) for k, v in tracker.result().items()}
-        cbs.on_test_end(logs)
-        return logs
 
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss components and metrics over ``data`` (same forms as ``fit``): ``{key: float}``, batch-weighted means."""
         source = Data(data, what="evaluation data", batch_size=batch_size)
-        if self._steps is None:
-            self._build(source.first_batch())
-        return self._evaluate(source, CallbackList([], model=None, params={}))
+        self._build(source.first_batch())
+        return self._runner.evaluate(source.dataset(), source.steps, CallbackList([], model=None, params={}))
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Outputs for every example, ``{output name: array}``, batches concatenated in order.

@@ -3,7 +3,7 @@
 A :class:`Writer` gets three calls: ``begin_epoch``, ``write_scalars(step, values)`` after each compiled block
 (running epoch means at a global step), and ``write_epoch(epoch, values)`` once per epoch (training and ``val_``
 values). :class:`WriterCallback` plugs any writers into ``Trainer.fit(callbacks=[...])``, so a notebook gets the
-same files as the command line. Cadence decisions go through :class:`Every`.
+same files as the command line. Cadence decisions go through :class:`~trainer.cadence.Every`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,13 @@ import keras
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-__all__ = ["CSVWriter", "Every", "MultiWriter", "ProgressWriter", "TensorBoardWriter", "Writer", "WriterCallback"]
+from trainer.cadence import Every
+
+__all__ = ["CSVWriter", "MultiWriter", "ProgressWriter", "TensorBoardWriter", "Writer", "WriterCallback"]
 
 
 def format_scalars(scalars: Mapping[str, float]) -> str:
     return " - ".join(f"{key}: {value:.4g}" for key, value in scalars.items())
-
-
-class Every:
-    """Cadence: due when a multiple of ``n`` steps lies in ``(previous, step]`` (blocks may jump several steps)."""
-
-    def __init__(self, n: int | None) -> None:
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"a period must be a positive int of steps or None, got {n!r}.")
-        self.n = n
-
-    def due(self, previous: int, step: int) -> bool:
-        return self.n is not None and step // self.n > previous // self.n
 
 
 class Writer:

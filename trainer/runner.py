@@ -1,0 +1,216 @@
+"""The block runner: the one boundary between the Python loops and the compiled blocks.
+
+``BlockRunner`` owns what runs in the graph and what the host learns from it: the compiled :class:`Steps`, the
+trackers, the block sizers (``steps_per_execution``), the step periods blocks must end on, the global step and the
+cross-worker stop agreement. The epoch loop (``trainer/epochs.py``) and ``Trainer.evaluate`` drive it through its
+public methods only — run blocks of a mode over an iterator, reset a mode's trackers, read its logs, evaluate —
+and say what happens around each block through a :class:`BlockHooks`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainer.blocks import BlockSizer
+from trainer.cadence import Every, steps_to_boundary
+from trainer.cluster import is_multi_worker
+from trainer.errors import NonFiniteLossError
+from trainer.options import AUTO
+from trainer.step import BlockInfo, Steps
+from trainer.tracking import Tracker
+
+__all__ = ["MULTI_WORKER_BLOCK", "BlockHooks", "BlockRunner"]
+
+MULTI_WORKER_BLOCK = 16  # what steps_per_execution="auto" means across several workers
+MODES = ("train", "eval")
+
+
+class BlockHooks:
+    """What the caller of :meth:`BlockRunner.run` does around each block. Every method is optional."""
+
+    def begin(self) -> None:
+        """Before a block."""
+
+    def end(self, info: BlockInfo) -> None:
+        """After a block (``global_step`` already counts its steps); ``info.ran`` may be 0."""
+
+    def stop_requested(self) -> bool:
+        """This process was asked to stop (a signal). Read before each training block; the request is summed over
+        all workers inside the block, which then runs no step and reports ``info.stopped`` on every worker."""
+        return False
+
+    def should_stop(self) -> bool:
+        """Run no further block (e.g. a callback set ``stop_training``)."""
+        return False
+
+
+class _TestBatchHooks(BlockHooks):
+    """Evaluation blocks bracketed by the callbacks' ``on_test_batch_*`` hooks (index of the block's last step)."""
+
+    def __init__(self, callbacks: Any) -> None:
+        self.callbacks = callbacks
+        self.done = 0
+
+    def begin(self) -> None:
+        self.callbacks.on_test_batch_begin(self.done, None)
+
+    def end(self, info: BlockInfo) -> None:
+        self.done += info.ran
+        if info.ran:
+            self.callbacks.on_test_batch_end(self.done - 1, info.logs)
+
+
+class BlockRunner:
+    """Runs compiled blocks of training or evaluation steps and reads the host's values once per block.
+
+    Args:
+        steps: the compiled blocks.
+        trackers: ``{"train": Tracker, "eval": Tracker}``.
+        optimizer: the optimizer (its learning rate is logged as ``lr``).
+        strategy: the strategy everything was created under.
+        steps_per_execution: a positive int, or ``"auto"`` (a fixed ``MULTI_WORKER_BLOCK`` across workers, whose
+            blocks must have equal lengths for their collectives to pair up).
+        nan_policy: ``"raise"`` or ``"skip"`` (see ``Trainer``).
+        max_consecutive_skips: (skip) the longest run of skipped steps tolerated.
+    """
+
+    def __init__(
+        self,
+        steps: Steps,
+        trackers: Mapping[str, Tracker],
+        *,
+        optimizer: keras.optimizers.Optimizer,
+        strategy: tf.distribute.Strategy,
+        steps_per_execution: int | str,
+        nan_policy: str,
+        max_consecutive_skips: int,
+    ) -> None:
+        self.steps = steps
+        self.trackers = dict(trackers)
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.multi_worker = is_multi_worker(strategy)
+        self.nan_policy = nan_policy
+        self.max_consecutive_skips = max_consecutive_skips
+        fixed = MULTI_WORKER_BLOCK if steps_per_execution == AUTO and self.multi_worker else None
+        self.sizers = {mode: BlockSizer(fixed or steps_per_execution) for mode in MODES}
+        self.periods: list[Every] = []  # training blocks end on the multiples of these
+        self.global_step = 0  # training steps (optimizer updates) applied so far
+        self._counts: dict[int, tf.Tensor] = {}
+
+    # -- what the loops configure and read ------------------------------------------------------------------------
+
+    def set_periods(self, periods: Iterable[int]) -> None:
+        """Step periods that training blocks must end on (checkpoints, TensorBoard steps, step schedules)."""
+        self.periods = [Every(p) for p in sorted(set(periods))]
+
+    @property
+    def block_sizes(self) -> dict[str, int]:
+        """The current block length per mode (``"auto"`` grows it while running)."""
+        return {mode: sizer.size for mode, sizer in self.sizers.items()}
+
+    def distribute(self, dataset: tf.data.Dataset) -> Any:
+        """An iterator over ``dataset`` split across the strategy's replicas."""
+        return iter(self.strategy.experimental_distribute_dataset(dataset))
+
+    def reset(self, mode: str) -> None:
+        """Start a new epoch (``"train"``: trackers and the epoch's skipped-step count) or evaluation (``"eval"``)."""
+        self.trackers[mode].reset()
+        if mode == "train":
+            self.steps.skipped.assign(0)
+
+    def logs(self, mode: str) -> dict[str, float]:
+        """A mode's logs so far (one host read). Training adds ``lr`` and, with ``nan_policy="skip"``,
+        ``skipped_steps``."""
+        logs = {key: float(value) for key, value in self.trackers[mode].result().items()}
+        if mode == "train":
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))  # schedules: current value
+            if self.nan_policy == "skip":
+                logs["skipped_steps"] = float(self.steps.skipped.numpy())
+        return logs
+
+    def trackables(self) -> dict[str, Any]:
+        """What a checkpoint must hold of the runner: the training trackers and the skipped-step counters."""
+        return {
+            "trackers": self.trackers["train"].variables(),
+            "skips": [self.steps.skipped, self.steps.consecutive],
+        }
+
+    # -- running --------------------------------------------------------------------------------------------------
+
+    def _count(self, n: int) -> tf.Tensor:
+        """Step counts as (cached) tensors: a Python int would retrace the block for every new value."""
+        if n not in self._counts:
+            self._counts[n] = tf.constant(n, tf.int32)
+        return self._counts[n]
+
+    def run(
+        self, mode: str, iterator: Any, budget: int | None, hooks: BlockHooks | None = None, *, exact: bool = False
+    ) -> tuple[int, bool]:
+        """Run compiled blocks until ``budget`` steps ran, the data ended or ``hooks.should_stop()``.
+
+        Args:
+            mode: ``"train"`` or ``"eval"``.
+            iterator: a (distributed) iterator of batches.
+            budget: the most steps to run; None: until the data ends.
+            hooks: what to do around each block.
+            exact: the iterator holds at least ``budget`` more steps' batches (the faster loop without an
+                end-of-data check is safe).
+
+        Returns:
+            (steps run, whether the data ended).
+
+        Raises:
+            NonFiniteLossError: a training step's loss was non-finite (see ``nan_policy``).
+        """
+        hooks = hooks or BlockHooks()
+        train = mode == "train"
+        block = self.steps.block_for(mode, budget is not None and exact, iterator, self._count(1))
+        sizer = self.sizers[mode]
+        done = 0
+        while budget is None or done < budget:
+            boundary = steps_to_boundary(self.global_step, self.periods) if train else None
+            n = sizer.next(None if budget is None else budget - done, boundary)
+            hooks.begin()
+            start = time.perf_counter()
+            stop = self._count(int(train and hooks.stop_requested()))
+            # The one host sync per block: everything the outer loop needs comes back in a single vector.
+            info = self.steps.unpack(mode, block(iterator, self._count(n), stop).numpy())
+            sizer.observe(n, info.ran, time.perf_counter() - start)
+            if train:
+                self.global_step += info.ran
+                self._raise_if_non_finite(info)
+            done += info.ran
+            hooks.end(info)
+            if not info.more:
+                return done, True
+            if hooks.should_stop():
+                break
+        return done, False
+
+    def _raise_if_non_finite(self, info: BlockInfo) -> None:
+        values = dict(zip(self.steps.loss_keys, info.values.tolist()))
+        bad = [key for key, ok in zip(self.steps.loss_keys, info.finite) if not ok]
+        if self.nan_policy == "raise" and bad:
+            raise NonFiniteLossError(bad, self.global_step + 1, values)
+        if self.nan_policy == "skip" and info.consecutive > self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                bad, self.global_step, values, skipped=info.consecutive, limit=self.max_consecutive_skips
+            )
+
+    def evaluate(self, dataset: tf.data.Dataset, steps: int | None, callbacks: Any) -> dict[str, float]:
+        """Every batch of ``dataset`` (``steps`` of them, None if unknown) in evaluation blocks; returns the logs.
+
+        ``callbacks`` (a ``CallbackList``) gets ``on_test_begin``, ``on_test_batch_*`` and ``on_test_end``.
+        """
+        self.reset("eval")
+        callbacks.on_test_begin(None)
+        self.run("eval", self.distribute(dataset), steps, _TestBatchHooks(callbacks), exact=steps is not None)
+        logs = self.logs("eval")
+        callbacks.on_test_end(logs)
+        return logs
