@@ -5,7 +5,7 @@ from losses.adapters import FunctionLoss, PerOutputLoss, ShapeMismatchError, per
 from losses.distributed import global_normalizer, global_sum, replica_share
 from losses.evaluation import average_precision, box_iou, mean_average_precision
 from losses.focal import SparseFocalLoss, sparse_focal_loss
-from losses.multibox import MultiBoxLoss, smooth_l1
+from losses.multibox import MultiBoxLoss
 from losses.protocol import LossFn, LossProtocolError, LossValue, components
 from losses.weighting import UncertaintyWeighting
 
@@ -28,6 +28,5 @@ __all__ = [
     "mean_average_precision",
     "per_output",
     "replica_share",
-    "smooth_l1",
     "sparse_focal_loss",
 ]

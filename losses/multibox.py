@@ -1,6 +1,6 @@
 """SSD's MultiBox loss: localisation and confidence read the box and class outputs together.
 
-``loc`` is smooth-L1 (delta 1, summed over the 4 coordinates) over positive anchors. ``conf`` is the softmax
+``loc`` is smooth-L1 (Keras' ``huber`` with delta 1, summed over the 4 coordinates) over positive anchors. ``conf`` is the softmax
 cross-entropy over positives plus, per image, the hardest negatives ranked by their background cross-entropy,
 k = min(neg_pos_ratio × positives in the image, negatives in the image). Both are divided by max(positives in the
 whole batch, 1), through :func:`losses.global_normalizer`, so that a distributed run normalises like one device.
@@ -11,18 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import keras
 import tensorflow as tf
 
 from losses.distributed import global_normalizer
 from losses.focal import sparse_focal_loss
 
-__all__ = ["MultiBoxLoss", "smooth_l1"]
-
-
-def smooth_l1(diff: tf.Tensor) -> tf.Tensor:
-    """Huber with delta 1, elementwise: 0.5·d² for |d| < 1, |d| - 0.5 otherwise."""
-    absolute = tf.abs(diff)
-    return tf.where(absolute < 1.0, 0.5 * tf.square(diff), absolute - 0.5)
+__all__ = ["MultiBoxLoss"]
 
 
 class MultiBoxLoss:
@@ -66,7 +61,8 @@ class MultiBoxLoss:
         # max(positives in the global batch, 1) × b/B: exact under tf.distribute (see losses/distributed.py)
         normaliser = global_normalizer(tf.reduce_sum(pos_f), tf.shape(labels)[0])
 
-        loc = tf.reduce_sum(tf.reduce_sum(smooth_l1(box_pred - box_true), axis=-1) * pos_f)
+        # Keras' huber is the mean over the 4 coordinates: × 4 is their sum (exact: a power of two).
+        loc = tf.reduce_sum(4.0 * keras.losses.huber(box_true, box_pred, delta=1.0) * pos_f)
         safe_labels = tf.maximum(labels, 0)
         if self.focal_gamma is not None:
             focal = sparse_focal_loss(safe_labels, logits, gamma=self.focal_gamma, alpha=self.focal_alpha)

@@ -105,10 +105,26 @@ def test_detection_data_is_deterministic_and_valid():
     assert set(np.unique(label[label > 0])) <= {1, 2, 3}
 
 
-def test_detection_task_trains_a_few_steps_and_reports_map():
-    task = _detection_task().build(batch_size=16, seed=0, train_size=64, epochs=1)
-    trainer = Trainer(task.model, optimizer=task.optimizer, loss=task.loss, steps_per_execution=2)
-    history = trainer.fit(task.train, epochs=1, steps_per_epoch=3, progress=False).history
-    assert set(history) == {"loss", "loc", "conf", "lr"} and np.isfinite(history["loss"]).all()
+def test_detection_map_of_perfect_outputs_is_one():
+    """The task's evaluation path (predict, decode, NMS, mAP) on outputs equal to the encoded targets."""
+    task = _detection_task()
+    images, box, label = task.make_images(32, np.random.default_rng(5))
+    targets = task.encode_targets(box, label)
+
+    class Oracle:
+        def predict(self, x, batch_size=None):
+            one_hot = np.eye(task.NUM_CLASSES)[np.maximum(targets["classes"], 0)]  # ignored anchors: background
+            return {"boxes": targets["boxes"], "classes": np.where(one_hot > 0, 10.0, -10.0).astype(np.float32)}
+
+    assert task.evaluate_map(Oracle(), images, box, label) == {"mAP@0.5": 1.0, "mAP@0.75": 1.0}
+
+
+def test_detection_task_learns_to_detect_in_48_steps():
+    task = _detection_task().build(batch_size=32, seed=0, train_size=512, epochs=3)
+    trainer = Trainer(task.model, optimizer=task.optimizer, loss=task.loss)
+    history = trainer.fit(task.train, epochs=3, progress=False).history
+    assert set(history) == {"loss", "loc", "conf", "lr"} and trainer.global_step == 48
+    assert history["loss"][-1] < 0.75 * history["loss"][0]  # measured: 7.77 -> 4.44
     extra = task.evaluate_extra(trainer, task.validation)
-    assert set(extra) == {"mAP@0.5", "mAP@0.75"} and all(0.0 <= v <= 1.0 for v in extra.values())
+    # Measured 0.27-0.32 (an untrained model: 0.00); a broken loss, matching or decoding stays near 0.
+    assert extra["mAP@0.5"] > 0.15 and extra["mAP@0.75"] < extra["mAP@0.5"]

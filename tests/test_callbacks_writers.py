@@ -28,6 +28,14 @@ def test_early_stopping_stops_when_the_monitored_value_stops_improving():
     assert stop.stopped_epoch == 1
 
 
+def test_history_is_a_keras_history_set_on_the_model_as_fit_does():
+    model = helpers.example1()
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=LOSSES)
+    history = trainer.fit(helpers.example1_data(16), batch_size=8, epochs=2, progress=False)
+    assert isinstance(history, keras.callbacks.History) and model.history is history
+    assert history.epoch == [0, 1] and history.params == {"epochs": 2, "steps": 2}
+
+
 def test_reduce_lr_on_plateau_lowers_the_optimizer_learning_rate():
     const = {"const": lambda o, t: tf.constant(1.0)}  # a metric that never improves
     trainer = _trainer(lr=0.1, metrics=const)

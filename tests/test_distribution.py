@@ -97,7 +97,7 @@ def test_keras_loss_objects_are_not_scaled_twice():
     assert h2["regression_output"][0] == pytest.approx(h1["regression_output"][0], rel=1e-5)
 
 
-def _two_output_loss(outputs, targets):
+def two_output_loss(outputs, targets):
     mse = tf.reduce_mean(tf.square(outputs["regression_output"] - targets["regression_output"]))
     ce = tf.reduce_mean(
         keras.losses.categorical_crossentropy(targets["classification_output"], outputs["classification_output"])
@@ -108,14 +108,14 @@ def _two_output_loss(outputs, targets):
 
 @pytest.mark.parametrize("n", [87, 81], ids=["split-4-3", "one-replica-empty"])
 def test_a_loss_reading_two_outputs(n):
-    _compare(helpers.example1, lambda: Recorder(_two_output_loss), helpers.example1_data(n))
+    _compare(helpers.example1, lambda: Recorder(two_output_loss), helpers.example1_data(n))
 
 
 def test_global_clipnorm_clips_the_summed_gradient():
     """Keras clips each replica's gradient before the sum; tapeloop sums first, as one device would."""
     _compare(
         helpers.example1,
-        lambda: Recorder(_two_output_loss),
+        lambda: Recorder(two_output_loss),
         helpers.example1_data(87),
         optimizer=lambda: keras.optimizers.SGD(0.1, global_clipnorm=0.05),
         epochs=2,
@@ -200,7 +200,7 @@ def test_resume_mid_epoch_on_two_replicas_is_exact(dataset, tmp_path):
         keras.utils.set_random_seed(seed)
         with mirrored().scope():
             model = helpers.example1()
-            trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.01), loss=_two_output_loss,
+            trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.01), loss=two_output_loss,
                               strategy=mirrored(), steps_per_execution=2, seed=4)  # fmt: skip
         keras.utils.set_random_seed(0)
         return model, trainer

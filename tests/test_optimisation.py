@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tests.test_distribution import _two_output_loss, mirrored
+from tests.test_distribution import two_output_loss, mirrored
 from trainer import LossWeightSchedule, Trainer
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
@@ -49,11 +49,11 @@ def test_accumulation_under_a_strategy_equals_one_device_big_batch():
     keras.utils.set_random_seed(3)
     with mirrored().scope():
         small_model = helpers.example1()
-        small = Trainer(small_model, optimizer=keras.optimizers.SGD(0.02), loss=_two_output_loss,
+        small = Trainer(small_model, optimizer=keras.optimizers.SGD(0.02), loss=two_output_loss,
                         strategy=mirrored(), gradient_accumulation_steps=2, steps_per_execution=2)  # fmt: skip
     big_model = helpers.example1()
     big_model.set_weights(small_model.get_weights())
-    big = Trainer(big_model, optimizer=keras.optimizers.SGD(0.02), loss=_two_output_loss)
+    big = Trainer(big_model, optimizer=keras.optimizers.SGD(0.02), loss=two_output_loss)
     big.fit(data, batch_size=32, epochs=2, shuffle=False, progress=False)
     small.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False)
     _weights_equal(small_model, big_model, 1e-5)
@@ -77,7 +77,7 @@ def _mixed_run(name: str):
     keras.mixed_precision.set_global_policy(name)
     keras.utils.set_random_seed(0)
     model = helpers.example1()
-    trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-3), loss=_two_output_loss)
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-3), loss=two_output_loss)
     history = trainer.fit(helpers.example1_data(256), batch_size=32, epochs=3, shuffle=False, progress=False)
     return trainer, history.history
 
@@ -99,7 +99,7 @@ def test_steps_the_loss_scaler_skips_are_not_non_finite_losses(policy):
     finite, so nan_policy="raise" says nothing."""
     policy("mixed_float16")
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0**60)
-    trainer = Trainer(helpers.example1(), optimizer=optimizer, loss=_two_output_loss)
+    trainer = Trainer(helpers.example1(), optimizer=optimizer, loss=two_output_loss)
     history = trainer.fit(helpers.example1_data(64), batch_size=8, epochs=2, shuffle=False, progress=False).history
     assert float(optimizer.dynamic_scale) < 2.0**60 and np.isfinite(history["loss"]).all()
 
@@ -108,18 +108,18 @@ def test_steps_the_loss_scaler_skips_are_not_non_finite_losses(policy):
 
 
 def _heads_apart(outputs, targets):
-    parts = _two_output_loss(outputs, targets)
+    parts = two_output_loss(outputs, targets)
     return {"mse": parts["mse"], "ce": parts["ce"]}  # each head in one component: only the trunk is shared
 
 
-@pytest.mark.parametrize(("loss", "shared_count"), [(_two_output_loss, 8), (_heads_apart, 4)], ids=["all", "trunk"])
+@pytest.mark.parametrize(("loss", "shared_count"), [(two_output_loss, 8), (_heads_apart, 4)], ids=["all", "trunk"])
 def test_grad_norms_match_one_tape_per_component(loss, shared_count):
     model = helpers.example1()
     x, y = helpers.example1_data(32)
-    weights = {"ce": 0.5, "agreement": 2.0} if loss is _two_output_loss else {"ce": 0.5}
+    weights = {"ce": 0.5, "agreement": 2.0} if loss is two_output_loss else {"ce": 0.5}
     expected = {}
     tapes = {}
-    for key in ("mse", "ce", "agreement") if loss is _two_output_loss else ("mse", "ce"):
+    for key in ("mse", "ce", "agreement") if loss is two_output_loss else ("mse", "ce"):
         with tf.GradientTape() as tape:
             value = loss(dict(zip(model.output_names, model(x, training=True))), y)[key]
             value = value * weights.get(key, 1.0)
@@ -152,7 +152,7 @@ def test_learning_rate_schedule_works_and_lr_is_logged_each_epoch():
 
 
 def test_loss_weight_schedule_per_epoch_without_retracing():
-    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=_two_output_loss)
+    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=two_output_loss)
     schedule = LossWeightSchedule(trainer, {"agreement": lambda epoch: 0.5 * epoch})
     history = trainer.fit(helpers.example1_data(32), batch_size=8, epochs=3, callbacks=[schedule], progress=False)
     h = history.history
@@ -164,7 +164,7 @@ def test_loss_weight_schedule_per_epoch_without_retracing():
 
 
 def test_loss_weight_schedule_per_step_lands_on_exact_steps():
-    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=_two_output_loss)
+    trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.01), loss=two_output_loss)
     seen = []
 
     class Probe(keras.callbacks.Callback):
@@ -180,7 +180,7 @@ def test_loss_weight_schedule_per_step_lands_on_exact_steps():
 
 
 def test_loss_weight_schedule_rejects_unknown_keys():
-    trainer = Trainer(helpers.example1(), loss=_two_output_loss)
+    trainer = Trainer(helpers.example1(), loss=two_output_loss)
     schedule = LossWeightSchedule(trainer, {"nosuch": lambda e: 1.0})
     with pytest.raises(ValueError, match="'nosuch' that are not loss weights; they are 'agreement', 'ce', 'mse'"):
         trainer.fit(helpers.example1_data(16), callbacks=[schedule], progress=False)
