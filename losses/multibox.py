@@ -1,9 +1,10 @@
 """SSD's MultiBox loss: localisation and confidence read the box and class outputs together.
 
-``loc`` is smooth-L1 (Keras' ``huber`` with delta 1, summed over the 4 coordinates) over positive anchors. ``conf`` is the softmax
-cross-entropy over positives plus, per image, the hardest negatives ranked by their background cross-entropy,
-k = min(neg_pos_ratio × positives in the image, negatives in the image). Both are divided by max(positives in the
-whole batch, 1), through :func:`losses.global_normalizer`, so that a distributed run normalises like one device.
+``loc`` is smooth-L1 (Keras' ``huber`` with delta 1, summed over the 4 coordinates) over positive anchors. ``conf`` is
+the softmax cross-entropy over positives plus, per image, the hardest negatives ranked by their background
+cross-entropy, k = min(neg_pos_ratio × positives in the image, negatives in the image). Both are divided by
+max(positives in the whole batch, 1), through :func:`losses.global_normalizer`, so that a distributed run normalises
+like one device.
 Vectorised (a double argsort ranks negatives per image), static shapes: eager, ``tf.function`` and XLA alike.
 """
 

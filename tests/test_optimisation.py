@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tests.test_distribution import two_output_loss, mirrored
+from tests.test_distribution import mirrored, two_output_loss
 from trainer import LossWeightSchedule, Trainer
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
