@@ -205,8 +205,6 @@ class Trainer:
 
     def _build(self, batch: Any) -> None:
         """Learn the structure from the first batch (outputs, components, metrics) and build the compiled parts."""
-        if self._runner is not None:
-            return
         with self.strategy.scope():
             parts, metric_values, per_mode = self._probe(batch)
             self._objective.build(list(parts))
@@ -303,7 +301,8 @@ class Trainer:
         if data.infinite and steps_per_epoch is None:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
         val = None if validation_data is None else Data(validation_data, what="validation data", batch_size=batch_size)
-        self._build(data.first_batch())
+        if self._runner is None:
+            self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
             self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
@@ -334,7 +333,8 @@ class Trainer:
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
         """Loss components and metrics over ``data`` (same forms as ``fit``): ``{key: float}``, batch-weighted means."""
         source = Data(data, what="evaluation data", batch_size=batch_size)
-        self._build(source.first_batch())
+        if self._runner is None:
+            self._build(source.first_batch())
         return self._runner.evaluate(source.dataset(), source.steps, CallbackList([], model=None, params={}))
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
