@@ -14,7 +14,15 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-__all__ = ["PerOutputLoss", "ShapeMismatchError", "binary_or_sparse", "display_name", "per_output"]
+__all__ = [
+    "SAMPLE_WEIGHT",
+    "PerOutputLoss",
+    "ShapeMismatchError",
+    "binary_or_sparse",
+    "display_name",
+    "per_output",
+    "sample_weight_key",
+]
 
 
 class ShapeMismatchError(ValueError):
@@ -29,6 +37,14 @@ def _align_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     elif p_rank == t_rank + 1 and y_pred.shape[-1] == 1:
         y_pred = tf.squeeze(y_pred, -1)
     return y_true, y_pred
+
+
+SAMPLE_WEIGHT = "sample_weight"
+
+
+def sample_weight_key(output: str | None = None) -> str:
+    """The target that carries sample weights: ``sample_weight`` (every output), ``sample_weight/<output>`` (one)."""
+    return SAMPLE_WEIGHT if output is None else f"{SAMPLE_WEIGHT}/{output}"
 
 
 _KERAS_SCALED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -48,7 +64,7 @@ class FunctionLoss(keras.losses.Loss):
 def _keras_loss_names() -> list[str]:
     names = {n for n in dir(keras.losses) if not n.startswith("_") and n.islower()}
     names -= {"get", "serialize", "deserialize"}
-    return sorted(names | {"mse", "mae", "mape", "msle", "crossentropy"})
+    return sorted(names | {"mse", "mae", "mape", "msle", "crossentropy", "ce"})  # with the aliases accepted here
 
 
 def binary_or_sparse(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[bool, bool]:
@@ -75,7 +91,10 @@ class PerOutputLoss:
             ``keras.losses.Loss`` object, or a function ``fn(y_true, y_pred)`` returning per-example values.
         output: the output it reads.
         target: the target it reads; defaults to ``output``.
-        sample_weight: optional name of a target holding per-example weights.
+        sample_weight: name of a target holding per-example weights. None (the default): the target
+            ``sample_weight/<output>`` if the batch has one, else ``sample_weight`` if it has one (what
+            ``Trainer.fit(sample_weight=...)`` and ``class_weight`` put there), else unweighted — as Keras applies
+            ``fit``'s sample weights to its compiled losses.
     """
 
     def __init__(
@@ -163,7 +182,7 @@ class PerOutputLoss:
         y_true = tf.convert_to_tensor(targets[self.target])
         loss = self._resolve(y_true, y_pred)
         self._check_shapes(loss, y_true, y_pred)
-        weight = None if self.sample_weight is None else targets[self.sample_weight]
+        weight = self._sample_weight(targets)
         value = loss(y_true, y_pred, sample_weight=weight)
         if getattr(loss, "reduction", None) in _KERAS_SCALED:
             # Keras divides mean-reduced losses by the strategy's replica count itself (losses/loss.py,
@@ -171,6 +190,14 @@ class PerOutputLoss:
             # and the step's one b/B scaling is the only one.
             value = value * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, value.dtype)
         return value
+
+    def _sample_weight(self, targets: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
+        if self.sample_weight is not None:
+            return targets[self.sample_weight]
+        for key in (sample_weight_key(self.output), SAMPLE_WEIGHT):
+            if key in targets:
+                return targets[key]
+        return None
 
     def __repr__(self) -> str:
         return f"per_output({self.name!r}, output={self.output!r}, target={self.target!r})"

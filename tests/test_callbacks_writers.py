@@ -33,7 +33,7 @@ def test_history_is_a_keras_history_set_on_the_model_as_fit_does():
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=LOSSES)
     history = trainer.fit(helpers.example1_data(16), batch_size=8, epochs=2, progress=False)
     assert isinstance(history, keras.callbacks.History) and model.history is history
-    assert history.epoch == [0, 1] and history.params == {"epochs": 2, "steps": 2}
+    assert history.epoch == [0, 1] and history.params == {"epochs": 2, "steps": 2, "verbose": 0}
 
 
 def test_reduce_lr_on_plateau_lowers_the_optimizer_learning_rate():

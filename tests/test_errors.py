@@ -141,7 +141,7 @@ def test_bad_data_gets_its_own_message(data, message):
         ({"loss": {"loss": "mse"}}, ValueError, "'loss' is a reserved key"),
         ({"loss": 3}, TypeError, "`loss` is a int"),
         ({"loss_weights": {"a": "big"}}, TypeError, "loss_weights\\['a'\\] must be a number"),
-        ({"metrics": ["accuracy"]}, TypeError, "`metrics` must be a dict"),
+        ({"metrics": "accuracy"}, TypeError, "`metrics` must be a dict"),  # a list is Keras' form: see below
         ({"metrics": {"classification_output": [3]}}, TypeError, "holds 3"),
         ({"strategy": "mirrored"}, TypeError, "`strategy` must be a tf.distribute.Strategy"),
         ({"jit_compile": "yes"}, TypeError, "`jit_compile` must be True or False"),

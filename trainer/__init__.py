@@ -3,7 +3,14 @@
 from trainer.cadence import Every
 from trainer.callbacks import History
 from trainer.checkpoints import TrainingInterrupted
-from trainer.errors import DataError, LossProtocolError, MissingKeyError, NonFiniteLossError, ShapeMismatchError
+from trainer.errors import (
+    DataError,
+    LossProtocolError,
+    MissingKeyError,
+    NonFiniteLossError,
+    ShapeMismatchError,
+    UserCodeError,
+)
 from trainer.plots import PlotWriter, plot_history
 from trainer.schedules import LossWeightSchedule
 from trainer.task import Task
@@ -27,6 +34,7 @@ __all__ = [
     "TensorBoardWriter",
     "Trainer",
     "TrainingInterrupted",
+    "UserCodeError",
     "Writer",
     "WriterCallback",
     "plot_history",

@@ -204,7 +204,9 @@ class Checkpointer:
                 saved = {name.split("/")[0] for name in names}
                 extra = attach(meta.value, saved)
                 with self._attached(extra) as checkpoint:
-                    checkpoint.read(path).assert_existing_objects_matched()
+                    # Every object of the state must be in the file; values the state does not have yet (the
+                    # save counter, created at the first save) are expected: no warnings about them.
+                    checkpoint.read(path).assert_existing_objects_matched().expect_partial()
             except Exception as err:
                 warnings.warn(
                     f"Checkpoint {path} could not be restored ({type(err).__name__}: {str(err)[:200]}); "

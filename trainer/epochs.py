@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,11 @@ from trainer.callbacks import CallbackList, History
 from trainer.checkpoints import Checkpointer, Preemption, TrainingInterrupted
 from trainer.data import Data
 from trainer.errors import DataError
+from trainer.inputs import eval_budget, validation_due
 from trainer.runner import BlockHooks, BlockRunner
 from trainer.step import BlockInfo
 
-__all__ = ["EpochRunner", "FitLoop", "FreshPasses", "Position", "RunningIterator"]
+__all__ = ["EpochRunner", "FitLoop", "FreshPasses", "Position", "RunningIterator", "Validation"]
 
 ITERATOR = "iterator"  # the checkpoint slot of a dataset's iterator
 
@@ -188,6 +190,23 @@ class EpochRunner:
         return self.iterator if self.data.is_dataset and trackable else None
 
 
+@dataclass
+class Validation:
+    """What ``fit`` validates on: the data, at most ``steps`` of its batches (None: all), on the epochs
+    ``validation_freq`` selects (Keras' meaning: every N epochs, or a list of 1-based epochs)."""
+
+    data: Data
+    steps: int | None = None
+    freq: int | Sequence[int] = 1
+
+    def due(self, epoch: int) -> bool:
+        return validation_due(epoch, self.freq)
+
+    def evaluate(self, runner: BlockRunner, callbacks: CallbackList) -> dict[str, float]:
+        steps, exact = eval_budget(self.data, self.steps)
+        return runner.evaluate(self.data.dataset(), steps, callbacks, exact=exact)
+
+
 class FitLoop(BlockHooks):
     """One ``fit`` call's epochs, with optional checkpoints (``checkpoint_dir``) and resume.
 
@@ -198,7 +217,7 @@ class FitLoop(BlockHooks):
         self,
         runner: BlockRunner,
         epochs: EpochRunner,
-        validation: Data | None,
+        validation: Validation | None,
         callbacks: CallbackList,
         history: History,
         checkpointer: Checkpointer | None,
@@ -253,10 +272,10 @@ class FitLoop(BlockHooks):
         if self.stop_agreed or (local and signum is not None):
             raise TrainingInterrupted(signum or signal.SIGTERM, self.runner.global_step, self._save())
 
-    def restore(self) -> int:
-        """Restore the latest checkpoint, if any; returns the first epoch to run."""
+    def restore(self) -> int | None:
+        """Restore the latest checkpoint, if any; returns the first epoch to run (None: nothing restored)."""
         if self.checkpointer is None:
-            return 0
+            return None
         restored: dict[str, Any] = {}
 
         def attach(meta: dict[str, Any], saved: set[str]) -> dict[str, Any]:
@@ -267,7 +286,7 @@ class FitLoop(BlockHooks):
 
         meta = self.checkpointer.restore(attach)
         if meta is None:
-            return 0
+            return None
         position = restored["position"]
         self.epochs.resume(position, restored["iterator"])
         self.runner.global_step = self._saved_step = int(meta["global_step"])
@@ -279,10 +298,14 @@ class FitLoop(BlockHooks):
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
-    def run(self, epochs: int) -> dict[str, float]:
-        """Train to epoch ``epochs`` (absolute); returns the last epoch's logs."""
+    def run(self, epochs: int, initial_epoch: int = 0) -> dict[str, float]:
+        """Train to epoch ``epochs`` (absolute), from ``initial_epoch`` or, when a checkpoint is restored, from
+        where it left off; returns the last epoch's logs."""
         runner, callbacks = self.runner, self.callbacks
         first = self.restore()
+        if first is None:
+            first = initial_epoch
+            self.epochs.position.enter(first)
         position = self.epochs.position
         logs: dict[str, float] = {}
         # A signal reaches workers at different steps: under multi-worker the stop is agreed inside the next training
@@ -298,16 +321,19 @@ class FitLoop(BlockHooks):
                 callbacks.on_epoch_begin(epoch, None)
                 self.epochs.run_epoch(epoch, self)
                 logs = runner.logs("train")
-                if self.validation is not None:
-                    val = runner.evaluate(self.validation.dataset(), self.validation.steps, callbacks)
+                if self.validation is not None and self.validation.due(epoch):
+                    val = self.validation.evaluate(runner, callbacks)
                     logs.update({f"val_{key}": value for key, value in val.items()})
                 callbacks.on_epoch_end(epoch, logs)
                 position.next_epoch()
                 if callbacks.stop_training:
                     break
                 self._check_preemption(local=alone)
-            callbacks.on_train_end(logs)
+            # The checkpoint holds the state training continues from; then, as Model.fit: finalize (an EMA
+            # optimizer's averages become the weights), and on_train_end sees the final weights.
             self._save()
+            runner.finalize()
+            callbacks.on_train_end(logs)
         return logs
 
     def close(self) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from losses import LossProtocolError, ShapeMismatchError
 
 __all__ = [
+    "OWN_ERRORS",
     "DataError",
     "LossProtocolError",
     "MissingKeyError",
     "NonFiniteLossError",
     "ShapeMismatchError",
+    "UserCodeError",
+    "describe_tensors",
 ]
 
 
@@ -61,3 +64,30 @@ class NonFiniteLossError(FloatingPointError):
         self.keys = list(keys)
         self.step = step
         self.values = values
+
+
+def describe_tensors(kind: str, tensors: Mapping[str, object]) -> list[str]:
+    """One line per tensor: ``output 'boxes': shape (32, 912, 4), float32`` (symbolic dims print as None)."""
+    lines = []
+    for key, value in tensors.items():
+        shape = getattr(value, "shape", None)
+        dtype = getattr(getattr(value, "dtype", None), "name", getattr(value, "dtype", "?"))
+        shown = tuple(shape) if shape is not None and getattr(shape, "rank", 1) is not None else "unknown"
+        lines.append(f"  {kind} {key!r}: shape {shown}, {dtype}")
+    return lines
+
+
+class UserCodeError(Exception):
+    """A loss, metric or model raised while tapeloop called it; the message names it and lists, one per line, the
+    shapes and dtypes of everything it was given. The original exception is the ``__cause__``."""
+
+    def __init__(self, who: str, error: BaseException, given: Sequence[str], hint: str = "") -> None:
+        first = (str(error).strip().splitlines() or [""])[0][:400]  # no TensorFlow op dump
+        message = f"{who} raised {type(error).__name__}: {first}\nIt was given:\n" + "\n".join(given)
+        super().__init__(message + (f"\n{hint}" if hint else ""))
+        self.who = who
+        self.original = error
+
+
+# Errors tapeloop raises itself: passed through as they are, never wrapped again.
+OWN_ERRORS = (LossProtocolError, MissingKeyError, ShapeMismatchError, DataError, UserCodeError)

@@ -8,7 +8,7 @@ outputs and targets, following the loss protocol; logged as ``name`` or ``name/p
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -22,7 +22,9 @@ __all__ = ["MetricSpec"]
 
 
 def _metric_names() -> list[str]:
-    return sorted(n for n in dir(keras.metrics) if not n.startswith("_") and n.islower() and n != "get")
+    """Every metric name tapeloop accepts (Keras' functions and its own "accuracy"/"acc"), for suggestions."""
+    keras_names = {n for n in dir(keras.metrics) if not n.startswith("_") and n.islower() and n != "get"}
+    return sorted(keras_names | {"accuracy", "acc"})
 
 
 def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: str) -> keras.metrics.Metric:
@@ -56,16 +58,21 @@ def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: s
 class MetricSpec:
     """The metrics a Trainer observes; :meth:`build` makes a fresh set of Keras metric objects per mode."""
 
-    def __init__(self, metrics: Mapping[str, object] | None) -> None:
+    def __init__(self, metrics: Mapping[str, object] | Sequence[object] | None) -> None:
         self.per_output: dict[str, list[object]] = {}
         self.callables: dict[str, Callable] = {}
         self._output_of: dict[str, str] = {}
+        self._unbound: list[object] | None = None  # a Keras-style list, for the model's single output
+        self._plain = False  # keys without the output prefix (the list form)
         if metrics is None:
+            return
+        if isinstance(metrics, (list, tuple)):
+            self._unbound = self._entries("metrics", list(metrics))
             return
         if not isinstance(metrics, Mapping):
             raise TypeError(
-                f"`metrics` must be a dict ({{output: [metrics]}} and/or {{name: callable}}), got "
-                f"{type(metrics).__name__}."
+                f"`metrics` must be a dict ({{output: [metrics]}} and/or {{name: callable}}) or, for a single-output "
+                f"model, a list of Keras metrics; got {type(metrics).__name__}."
             )
         for key, value in metrics.items():
             if not isinstance(key, str) or not key:
@@ -82,14 +89,31 @@ class MetricSpec:
                     f"metrics[{key!r}] is a {type(value).__name__}; expected a list of Keras metrics for output "
                     f"{key!r} or a callable metric(outputs, targets)."
                 )
-            for entry in entries:
-                if not (isinstance(entry, (str, keras.metrics.Metric)) or callable(entry)):
-                    raise TypeError(f"metrics[{key!r}] holds {entry!r}; expected a metric name or Metric object.")
-            seen = [display_name(e) for e in entries]
-            dupes = sorted({n for n in seen if seen.count(n) > 1})
-            if dupes:
-                raise ValueError(f"metrics[{key!r}] names {names(dupes)} more than once.")
-            self.per_output[key] = entries
+            self.per_output[key] = self._entries(f"metrics[{key!r}]", entries)
+
+    @staticmethod
+    def _entries(where: str, entries: list[object]) -> list[object]:
+        for entry in entries:
+            if not (isinstance(entry, (str, keras.metrics.Metric)) or callable(entry)):
+                raise TypeError(f"{where} holds {entry!r}; expected a metric name or Metric object.")
+        seen = [display_name(e) for e in entries]
+        dupes = sorted({n for n in seen if seen.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{where} names {names(dupes)} more than once.")
+        return entries
+
+    def bind_outputs(self, output_names: list[str]) -> None:
+        """Bind a Keras-style ``metrics=[...]`` list to the model's single output; logged by metric name alone,
+        as Keras logs them (``mae``, ``val_mae``)."""
+        if self._unbound is None:
+            return
+        if len(output_names) != 1:
+            raise ValueError(
+                f"`metrics` is a list, which applies to a single-output model, but the model has "
+                f"{len(output_names)} outputs ({names(output_names)}); give a dict {{output: [metrics]}}."
+            )
+        self.per_output[output_names[0]] = self._unbound
+        self._unbound, self._plain = None, True
 
     def build(
         self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], output_hint=None
@@ -101,7 +125,7 @@ class MetricSpec:
             y_pred = KeyedView(outputs, kind="output", reader=reader, hint=output_hint)[output]
             y_true = KeyedView(targets, kind="target", reader=reader)[output]
             for entry in entries:
-                key = f"{output}/{display_name(entry)}"
+                key = display_name(entry) if self._plain else f"{output}/{display_name(entry)}"
                 built[key] = _resolve(entry, y_true, y_pred, output)
                 self._output_of[key] = output
         return built

@@ -90,9 +90,16 @@ class Objective:
 
     def trainable_variables(self) -> list[tf.Variable]:
         """Variables owned by the losses themselves (a loss Layer's weights), trained with the model."""
+        return self._owned("trainable_variables")
+
+    def variables(self) -> list[tf.Variable]:
+        """Every variable the losses own (trainable or not: random generator states, counters)."""
+        return self._owned("variables")
+
+    def _owned(self, attribute: str) -> list[tf.Variable]:
         found: dict[int, tf.Variable] = {}
         for fn in self._entries.values():
-            for var in getattr(fn, "trainable_variables", None) or []:
+            for var in getattr(fn, attribute, None) or []:
                 found.setdefault(id(var), var)
         return list(found.values())
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -15,10 +16,13 @@ __all__ = [
     "check_flags",
     "choice",
     "make_optimizer",
+    "non_negative_int",
+    "optional",
     "positive_int",
     "resolve_steps_per_execution",
 ]
 
+T = TypeVar("T")
 AUTO = "auto"  # steps_per_execution tuned at run time (trainer/blocks.py)
 NAN_POLICIES = ("raise", "skip")
 
@@ -28,6 +32,17 @@ def positive_int(name: str, value: object, *, error: type[Exception] = ValueErro
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise error(f"`{name}` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+    return int(value)
+
+
+def optional(check: Callable[[str, object], T], name: str, value: object) -> T | None:
+    """``check(name, value)``, or None when ``value`` is None."""
+    return None if value is None else check(name, value)
 
 
 def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:

@@ -10,7 +10,7 @@ and say what happens around each block through a :class:`BlockHooks`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -22,7 +22,6 @@ from trainer.cluster import is_multi_worker
 from trainer.errors import NonFiniteLossError
 from trainer.options import AUTO
 from trainer.step import BlockInfo, Steps
-from trainer.tracking import Tracker
 
 __all__ = ["MULTI_WORKER_BLOCK", "BlockHooks", "BlockRunner"]
 
@@ -69,34 +68,20 @@ class BlockRunner:
     """Runs compiled blocks of training or evaluation steps and reads the host's values once per block.
 
     Args:
-        steps: the compiled blocks.
-        trackers: ``{"train": Tracker, "eval": Tracker}``.
-        optimizer: the optimizer (its learning rate is logged as ``lr``).
-        strategy: the strategy everything was created under.
+        steps: the compiled blocks (with their step maths: trackers, optimizer, variables, strategy, nan policy).
         steps_per_execution: a positive int, or ``"auto"`` (a fixed ``MULTI_WORKER_BLOCK`` across workers, whose
             blocks must have equal lengths for their collectives to pair up).
-        nan_policy: ``"raise"`` or ``"skip"`` (see ``Trainer``).
-        max_consecutive_skips: (skip) the longest run of skipped steps tolerated.
     """
 
-    def __init__(
-        self,
-        steps: Steps,
-        trackers: Mapping[str, Tracker],
-        *,
-        optimizer: keras.optimizers.Optimizer,
-        strategy: tf.distribute.Strategy,
-        steps_per_execution: int | str,
-        nan_policy: str,
-        max_consecutive_skips: int,
-    ) -> None:
+    def __init__(self, steps: Steps, *, steps_per_execution: int | str) -> None:
         self.steps = steps
-        self.trackers = dict(trackers)
-        self.optimizer = optimizer
-        self.strategy = strategy
-        self.multi_worker = is_multi_worker(strategy)
-        self.nan_policy = nan_policy
-        self.max_consecutive_skips = max_consecutive_skips
+        self.trackers = dict(steps.trackers)
+        self.optimizer = steps.math.optimizer
+        self.variables = list(steps.math.variables)
+        self.strategy = steps.strategy
+        self.multi_worker = is_multi_worker(self.strategy)
+        self.nan_policy = steps.nan_policy
+        self.max_consecutive_skips = steps.max_consecutive_skips
         fixed = MULTI_WORKER_BLOCK if steps_per_execution == AUTO and self.multi_worker else None
         self.sizers = {mode: BlockSizer(fixed or steps_per_execution) for mode in MODES}
         self.periods: list[Every] = []  # training blocks end on the multiples of these
@@ -140,6 +125,12 @@ class BlockRunner:
             "trackers": self.trackers["train"].variables(),
             "skips": [self.steps.skipped, self.steps.consecutive],
         }
+
+    def finalize(self) -> None:
+        """The end of training, as ``Model.fit`` ends it: ``optimizer.finalize_variable_values`` (with
+        ``use_ema=True`` the averaged weights replace the trained ones)."""
+        with self.strategy.scope():
+            self.optimizer.finalize_variable_values(self.variables)
 
     # -- running --------------------------------------------------------------------------------------------------
 
@@ -203,14 +194,18 @@ class BlockRunner:
                 bad, self.global_step, values, skipped=info.consecutive, limit=self.max_consecutive_skips
             )
 
-    def evaluate(self, dataset: tf.data.Dataset, steps: int | None, callbacks: Any) -> dict[str, float]:
-        """Every batch of ``dataset`` (``steps`` of them, None if unknown) in evaluation blocks; returns the logs.
+    def evaluate(
+        self, dataset: tf.data.Dataset, steps: int | None, callbacks: Any, *, exact: bool | None = None
+    ) -> dict[str, float]:
+        """``steps`` batches of ``dataset`` (None: all) in evaluation blocks; returns the logs. ``exact``: the
+        dataset surely holds ``steps`` batches (default: whenever ``steps`` is given).
 
         ``callbacks`` (a ``CallbackList``) gets ``on_test_begin``, ``on_test_batch_*`` and ``on_test_end``.
         """
         self.reset("eval")
         callbacks.on_test_begin(None)
-        self.run("eval", self.distribute(dataset), steps, _TestBatchHooks(callbacks), exact=steps is not None)
+        exact = steps is not None if exact is None else exact
+        self.run("eval", self.distribute(dataset), steps, _TestBatchHooks(callbacks), exact=exact)
         logs = self.logs("eval")
         callbacks.on_test_end(logs)
         return logs

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from losses import LossProtocolError, ShapeMismatchError
 from trainer.cluster import is_multi_worker
-from trainer.errors import DataError, MissingKeyError
+from trainer.errors import OWN_ERRORS
 from trainer.update import StepMath
 
 __all__ = ["BlockInfo", "BlockResult", "Steps"]
@@ -42,9 +41,6 @@ class BlockInfo:
     logs: dict[str, float]  # tracker results
 
 
-OWN_ERRORS = (LossProtocolError, MissingKeyError, ShapeMismatchError, DataError)
-
-
 def _own_error(err: BaseException) -> BaseException:
     """The tapeloop error inside an error that tracing wrapped (autograph turns errors raised in ``strategy.run``
     into ``StagingError``): the user sees our message and type, not a TensorFlow trace."""
@@ -60,10 +56,9 @@ class Steps:
     """Compiled train/eval blocks over a :class:`~trainer.update.StepMath`.
 
     Args:
-        math: the step's mathematics (replicas, reductions, the update).
-        trackers: ``{"train": Tracker, "eval": Tracker}`` (their results end each block's vector).
+        math: the step's mathematics (replicas, reductions, the update; its trackers' results end each block's
+            vector).
         loss_weights: returns the loss-weight vector (read once per block).
-        strategy: the strategy everything was created under.
         jit_compile: compile each (micro-)step with XLA.
         run_eagerly: run everything eagerly (for debugging; slow).
         nan_policy: ``"raise"`` (stop at a non-finite step) or ``"skip"`` (skip its update, count it).
@@ -73,11 +68,9 @@ class Steps:
 
     def __init__(
         self,
-        *,
         math: StepMath,
-        trackers,
+        *,
         loss_weights: Callable[[], tf.Tensor],
-        strategy: tf.distribute.Strategy,
         jit_compile: bool,
         run_eagerly: bool,
         nan_policy: str = "raise",
@@ -85,7 +78,10 @@ class Steps:
         accumulation: int = 1,
     ) -> None:
         self.math = math
-        self._trackers = trackers
+        self.trackers = math.trackers
+        self.strategy = strategy = math.strategy
+        self.nan_policy = nan_policy
+        self.max_consecutive_skips = max_consecutive_skips
         self._loss_weights = loss_weights
         self.loss_keys = math.loss_keys  # order of the finite flags and values a block returns
         self.traces: Counter[str] = Counter()  # incremented only while tracing: a test counts retraces
@@ -93,7 +89,6 @@ class Steps:
         self._skip = nan_policy == "skip"
         self._max_skips = max_consecutive_skips
         self._accumulation = accumulation
-        self._strategy = strategy
         self._multi_worker = is_multi_worker(strategy)
         # Skipped-step counters (skip policy): this epoch's total and the current run of consecutive skips.
         with strategy.scope():
@@ -166,8 +161,8 @@ class Steps:
         self.traces[mode] += 1
         k = len(self.loss_keys)
         if self._multi_worker:
-            stop = self._strategy.reduce(
-                tf.distribute.ReduceOp.SUM, self._strategy.run(lambda: tf.identity(stop)), axis=None
+            stop = self.strategy.reduce(
+                tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(stop)), axis=None
             )
         stopped = stop > 0
         num_steps = tf.where(stopped, 0, num_steps)
@@ -194,7 +189,7 @@ class Steps:
         if self._skip and mode == "train":
             self.skipped.assign(skipped)
             self.consecutive.assign(consecutive)
-        logs = self._trackers[mode].result()
+        logs = self.trackers[mode].result()
         # One float vector, so that the host reads everything with a single copy (see ``unpack``).
         head = tf.cast(
             tf.stack([ran, tf.cast(more, tf.int32), skipped, consecutive, tf.cast(stopped, tf.int32)]), tf.float32
@@ -204,7 +199,7 @@ class Steps:
     def unpack(self, mode: str, block: np.ndarray) -> BlockInfo:
         """Split a block's vector (see :class:`BlockInfo`)."""
         k = len(self.loss_keys)
-        logs = dict(zip(self._trackers[mode].keys, block[5 + 2 * k :].tolist()))
+        logs = dict(zip(self.trackers[mode].keys, block[5 + 2 * k :].tolist()))
         return BlockInfo(
             ran=int(block[0]),
             more=bool(block[1]),

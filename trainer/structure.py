@@ -7,14 +7,15 @@ reader, the key and the keys that exist, instead of a bare ``KeyError``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
-from trainer.errors import MissingKeyError, names
+from trainer.errors import OWN_ERRORS, MissingKeyError, UserCodeError, describe_tensors, names
 
-__all__ = ["KeyedView", "as_output_dict", "batch_size_of", "call_reader", "output_hint"]
+__all__ = ["KeyedView", "as_output_dict", "batch_size_of", "call_reader", "given", "keyed", "output_hint", "preserved"]
 
 
 def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[str, tf.Tensor]:
@@ -97,21 +98,59 @@ def batch_size_of(inputs: object) -> tf.Tensor:
 def call_reader(
     fn: Callable, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], *, reader: str, hint=None
 ) -> object:
-    """Call a loss or metric ``fn(outputs, targets)`` so that a missing key is reported with context."""
-    if not isinstance(fn, keras.layers.Layer):
-        return fn(
-            KeyedView(outputs, kind="output", reader=reader, hint=hint),
-            KeyedView(targets, kind="target", reader=reader),
-        )
-    # Keras layers accept only plain nested structures as positional arguments: pass dicts, translate KeyErrors.
+    """Call a loss or metric ``fn(outputs, targets)``: a missing key is reported with context, and any other error
+    it raises becomes a :class:`UserCodeError` naming ``reader`` and listing every output and target it was given."""
     try:
+        if not isinstance(fn, keras.layers.Layer):
+            return fn(
+                KeyedView(outputs, kind="output", reader=reader, hint=hint),
+                KeyedView(targets, kind="target", reader=reader),
+            )
+        # Keras layers accept only plain nested structures as positional arguments: pass dicts.
         return fn(dict(outputs), dict(targets))
-    except KeyError as err:
+    except OWN_ERRORS:
+        raise
+    except KeyError as err:  # a Layer's dict lookup
         key = err.args[0] if err.args else None
-        if isinstance(err, MissingKeyError) or key in outputs or key in targets:
-            raise
+        if key in outputs or key in targets:
+            raise UserCodeError(reader, err, given(outputs, targets)) from err
         raise MissingKeyError(
             f"{reader} reads {key!r}, which is neither an output nor a target; the model's outputs are "
             f"{names(outputs)} and the data's targets are {names(targets)}.",
             key,
         ) from None
+    except Exception as err:
+        hint = KERAS_STYLE_HINT if isinstance(err, (TypeError, AttributeError)) else ""
+        raise UserCodeError(reader, err, given(outputs, targets), hint) from err
+
+
+KERAS_STYLE_HINT = (
+    "A loss or metric callable receives (outputs, targets), two dicts keyed by name; for a Keras-style "
+    "fn(y_true, y_pred) on one output, use losses.per_output(fn, output=...)."
+)
+
+
+@contextlib.contextmanager
+def preserved(variables: Sequence[tf.Variable]) -> Iterator[None]:
+    """Leave ``variables`` as they were: a pass that only inspects (the first-batch check) must not advance a random
+    generator's state or any other state a forward pass touches."""
+    saved = [(variable, tf.identity(variable)) for variable in variables]
+    try:
+        yield
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
+def keyed(structure: object) -> dict[str, object]:
+    """A nested structure of tensors as a flat ``{name: tensor}`` dict (dict keys, or positions), for messages."""
+    if isinstance(structure, Mapping):
+        return dict(structure)
+    if isinstance(structure, (list, tuple)):
+        return {str(i): value for i, value in enumerate(structure)}
+    return {"x": structure}
+
+
+def given(outputs: Mapping[str, object], targets: Mapping[str, object]) -> list[str]:
+    """What a loss or metric was given, a line per tensor (for error messages)."""
+    return describe_tensors("output", outputs) + describe_tensors("target", targets)

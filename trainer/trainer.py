@@ -20,31 +20,32 @@ from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
-from trainer.epochs import EpochRunner, FitLoop
+from trainer.epochs import EpochRunner, FitLoop, Validation
 from trainer.errors import DataError, names
+from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
+from trainer.model import ModelCall
 from trainer.objective import Objective
 from trainer.options import (
     AUTO,
     NAN_POLICIES,
-    accepts_training,
     check_flags,
     choice,
     make_optimizer,
+    non_negative_int,
+    optional,
     positive_int,
     resolve_steps_per_execution,
 )
 from trainer.predict import Predictor
 from trainer.runner import BlockRunner
 from trainer.step import Steps
-from trainer.structure import as_output_dict, output_hint
+from trainer.structure import preserved
 from trainer.tracking import Tracker
 from trainer.update import StepMath
-from trainer.writers import ProgressWriter, WriterCallback
+from trainer.writers import WriterCallback, progress_writers
 
 __all__ = ["Trainer"]
-
-HALF = (tf.float16, tf.bfloat16)
 
 
 class Trainer:
@@ -95,8 +96,7 @@ class Trainer:
         gradient_accumulation_steps: int = 1,
         log_grad_norms: bool = False,
     ) -> None:
-        if not callable(model):
-            raise TypeError(f"`model` must be callable (a keras.Model, tf.Module or function), got {model!r}.")
+        self._call = ModelCall(model)  # checks that the model is callable
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {strategy!r}.")
         check_flags(jit_compile=jit_compile, run_eagerly=run_eagerly, log_grad_norms=log_grad_norms)
@@ -114,9 +114,8 @@ class Trainer:
         self._objective = Objective(loss, loss_weights)
         self._metrics = MetricSpec(metrics)
         self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
-        self._training_arg = accepts_training(model)
-        self._hint = output_hint(model)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
+        self._names: list[str] | None = None  # the model's output names, once known
         self._predictor: Predictor | None = None
 
     # -- public state ---------------------------------------------------------------------------------------------
@@ -143,9 +142,7 @@ class Trainer:
     @property
     def trainable_variables(self) -> list[tf.Variable]:
         """What the optimizer trains: the model's trainable variables, then those the losses own."""
-        variables = getattr(self.model, "trainable_variables", None)
-        if variables is None:
-            raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
+        variables = self._call.trainable_variables
         known = {id(v) for v in variables}
         return list(variables) + [v for v in self._objective.trainable_variables() if id(v) not in known]
 
@@ -178,17 +175,6 @@ class Trainer:
 
     # -- building -------------------------------------------------------------------------------------------------
 
-    def _forward(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
-        value = self.model(inputs, training=training) if self._training_arg else self.model(inputs)
-        outputs = as_output_dict(value, getattr(self.model, "output_names", None))
-        # Mixed precision: losses, metrics and trackers see float32 outputs (as if the last layers were float32).
-        return {k: tf.cast(v, tf.float32) if v.dtype in HALF else v for k, v in outputs.items()}
-
-    def _regularization(self) -> tf.Tensor | None:
-        """``sum(model.losses)`` in float32, or None when the model carries no losses."""
-        losses = list(getattr(self.model, "losses", None) or ())
-        return tf.add_n([tf.cast(loss, tf.float32) for loss in losses]) if losses else None
-
     def _probe(self, batch: Any) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor], dict[str, Any]]:
         """Run the model, every loss and every metric once on ``batch``, eagerly and with ``training=False``, so a
         missing key, a shape mismatch or a bad loss return fails here with a clear message, before any update.
@@ -196,12 +182,18 @@ class Trainer:
         Returns (loss components, metric callables' values, ``{mode: Keras metric objects}``).
         """
         inputs, targets = batch
-        outputs = self._forward(inputs, training=False)
-        self._objective.bind_outputs(list(outputs))
-        parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
-        metric_values = self._metrics.callable_values(outputs, targets, self._hint)
-        per_mode = {mode: self._metrics.build(outputs, targets, self._hint) for mode in ("train", "eval")}
+        with preserved(self._inspected_state()):
+            outputs = self._call(inputs, training=False)
+            self._objective.bind_outputs(list(outputs))
+            self._metrics.bind_outputs(list(outputs))
+            parts = self._objective.components(outputs, targets, self._call.regularization(), self._call.hint)
+            metric_values = self._metrics.callable_values(outputs, targets, self._call.hint)
+        per_mode = {mode: self._metrics.build(outputs, targets, self._call.hint) for mode in ("train", "eval")}
         return parts, metric_values, per_mode
+
+    def _inspected_state(self) -> list[tf.Variable]:
+        """What a checking pass could change: the model's non-trainable state and every variable the losses own."""
+        return [*self._call.state(), *self._objective.variables()]
 
     def _build(self, batch: Any) -> None:
         """Learn the structure from the first batch (outputs, components, metrics) and build the compiled parts."""
@@ -217,8 +209,8 @@ class Trainer:
             variables = self.trainable_variables
             self.optimizer.build(variables)
             math = StepMath(
-                forward=self._forward,
-                regularization=self._regularization,
+                forward=self._call,
+                regularization=self._call.regularization,
                 objective=self._objective,
                 metrics=self._metrics,
                 trackers=trackers,
@@ -226,57 +218,62 @@ class Trainer:
                 variables=variables,
                 strategy=self.strategy,
                 log_grad_norms=self.log_grad_norms,
-                output_hint=self._hint,
+                output_hint=self._call.hint,
             )
             steps = Steps(
-                math=math,
-                trackers=trackers,
+                math,
                 loss_weights=self._objective.weight_vector,
-                strategy=self.strategy,
                 jit_compile=self.jit_compile,
                 run_eagerly=self.run_eagerly,
                 nan_policy=self.nan_policy,
                 max_consecutive_skips=self.max_consecutive_skips,
                 accumulation=self.gradient_accumulation_steps,
             )
-            self._runner = BlockRunner(
-                steps,
-                trackers,
-                optimizer=self.optimizer,
-                strategy=self.strategy,
-                steps_per_execution=self.steps_per_execution,
-                nan_policy=self.nan_policy,
-                max_consecutive_skips=self.max_consecutive_skips,
-            )
+            self._runner = BlockRunner(steps, steps_per_execution=self.steps_per_execution)
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
     def fit(
         self,
-        train: Any,
+        x: Any = None,
+        y: Any = None,
         *,
-        epochs: int = 1,
-        validation_data: Any = None,
-        steps_per_epoch: int | None = None,
-        callbacks: Sequence[keras.callbacks.Callback] = (),
-        progress: bool = True,
         batch_size: int | None = None,
+        epochs: int = 1,
+        verbose: int | str = "auto",
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        validation_split: float = 0.0,
+        validation_data: Any = None,
         shuffle: bool = True,
+        class_weight: Mapping[int, float] | None = None,
+        sample_weight: Any = None,
+        initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int | Sequence[int] = 1,
+        progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
     ) -> History:
         """Train until epoch ``epochs``; return a ``History`` whose ``history`` is ``{key: [value per epoch]}``.
 
+        The arguments up to ``validation_freq`` are ``Model.fit``'s, with Keras' meanings (README, "Coming from
+        Keras").
+
         Args:
-            train: a ``tf.data.Dataset`` of ``(inputs, {name: target})`` batches, or numpy ``(x, {name: array})``.
+            x: numpy inputs with ``y``; or, with ``y=None``, ``(inputs, {name: target})`` or a ``tf.data.Dataset``
+                of such batches (or of Keras' ``(x, y)`` / ``(x, y, sample_weight)`` batches).
+            y: targets: a dict by output name, a list in output order, or one array for a single-output model.
             epochs: the epoch to train to (absolute: a resumed fit trains only what is left).
-            validation_data: the same forms; evaluated after every epoch, logged with the prefix ``val_``.
+            verbose: ``"auto"`` (follow ``progress``), 0 silent, 1 a progress bar, 2 one line per epoch.
+            validation_data: ``(x, y)``, ``(x, y, sample_weight)`` or a dataset; logged with the prefix ``val_``.
+            sample_weight, class_weight: per-example weights (an array, or a dict/list per output) or per-class
+                weights (single output); they reach the losses as targets (``losses.sample_weight_key``).
             steps_per_epoch: steps per epoch; with it, one iterator runs on across epochs (restarting at the end of
                 finite data). Required for an infinite dataset.
             callbacks: Keras callbacks (EarlyStopping, LearningRateScheduler, ...) and ``WriterCallback``s.
-            progress: show a progress bar per epoch.
-            batch_size: batch size of numpy input (default 32).
-            shuffle: reshuffle numpy input each epoch.
+            progress: show progress (a bar on a terminal, a line per epoch otherwise) when ``verbose="auto"``.
             checkpoint_dir: write resumable checkpoints here (the last 3 are kept) and resume from the latest
                 readable one at the start; SIGTERM/SIGINT then end the block, write one and raise
                 ``TrainingInterrupted``.
@@ -287,25 +284,42 @@ class Trainer:
             DataError: empty data, wrong structure, arrays of different lengths.
             MissingKeyError: a loss or metric reads an output or target that does not exist.
             ShapeMismatchError: an output and its target cannot be compared.
+            UserCodeError: a loss, metric or the model raised on the first batch (or while tracing).
             NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
             TrainingInterrupted: SIGTERM/SIGINT arrived (with ``checkpoint_dir``); the run can be resumed.
         """
         epochs = positive_int("epochs", epochs)
-        if steps_per_epoch is not None:
-            steps_per_epoch = positive_int("steps_per_epoch", steps_per_epoch)
+        initial_epoch = non_negative_int("initial_epoch", initial_epoch)
+        steps_per_epoch = optional(positive_int, "steps_per_epoch", steps_per_epoch)
+        validation_steps = optional(positive_int, "validation_steps", validation_steps)
+        validation_batch_size = optional(positive_int, "validation_batch_size", validation_batch_size)
+        check_validation_freq(validation_freq)
+        verbose = choice("verbose", verbose, VERBOSE)
         if checkpoint_every is not None:
             checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
             if checkpoint_dir is None:
                 raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
-        data = Data(train, what="training data", batch_size=batch_size, shuffle=shuffle, seed=self._seed)
+        data, val = fit_data(
+            x,
+            y,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            batch_size=batch_size,
+            validation_batch_size=validation_batch_size,
+            shuffle=shuffle,
+            seed=self._seed,
+            output_names=self._output_names,
+        )
         if data.infinite and steps_per_epoch is None:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
-        val = None if validation_data is None else Data(validation_data, what="validation data", batch_size=batch_size)
         if self._runner is None:
             self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
-            self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
+            with self.strategy.scope():
+                self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
         runner = self._runner
         checkpointer = None
         if checkpoint_dir is not None:
@@ -313,29 +327,61 @@ class Trainer:
             state = self.checkpoint_state()
             checkpointer = Checkpointer(checkpoint_dir, state, every_n_steps=checkpoint_every, chief=chief)
         history = History()
-        writers = [WriterCallback(ProgressWriter())] if progress else []
         epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps)
-        params = {"epochs": epochs, "steps": epochs_runner.steps}
+        level = (1 if progress else 0) if verbose == "auto" else verbose
+        params = {"epochs": epochs, "steps": epochs_runner.steps, "verbose": level}
         model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
+        writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
         callbacks = CallbackList([*callbacks, history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
-        loop = FitLoop(runner, epochs_runner, val, callbacks, history, checkpointer)
+        validation = None if val is None else Validation(val, validation_steps, validation_freq)
+        loop = FitLoop(runner, epochs_runner, validation, callbacks, history, checkpointer)
         try:
-            loop.run(epochs)
+            loop.run(epochs, initial_epoch)
         finally:
             callbacks.teardown()
             loop.close()
         return history
 
+    def _output_names(self, inputs: Any) -> list[str]:
+        """The model's output names, from one eager forward pass that changes no state (cached)."""
+        if self._names is None:
+            with self.strategy.scope(), preserved(self._inspected_state()):
+                self._names = list(self._call(inputs, training=False))
+        return self._names
+
     # -- evaluate and predict -------------------------------------------------------------------------------------
 
-    def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
-        """Loss components and metrics over ``data`` (same forms as ``fit``): ``{key: float}``, batch-weighted means."""
-        source = Data(data, what="evaluation data", batch_size=batch_size)
+    def evaluate(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        batch_size: int | None = None,
+        sample_weight: Any = None,
+        steps: int | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        return_dict: bool = True,
+    ) -> dict[str, float] | list[float] | float:
+        """Loss components and metrics over the data (``fit``'s forms, or Keras' ``x, y, sample_weight``).
+
+        Returns ``{key: float}``, batch-weighted means. ``return_dict=False`` gives Keras' list (``loss`` first,
+        then every other key in logging order; a single value alone). Unlike Keras, ``return_dict`` defaults to
+        True. ``steps`` evaluates the first ``steps`` batches only.
+        """
+        source = keras_source(x, y, sample_weight, what="evaluation data", output_names=self._output_names)
+        data = Data(source, what="evaluation data", batch_size=batch_size)
         if self._runner is None:
-            self._build(source.first_batch())
-        return self._runner.evaluate(source.dataset(), source.steps, CallbackList([], model=None, params={}))
+            self._build(data.first_batch())
+        budget, exact = eval_budget(data, optional(positive_int, "steps", steps))
+        model = callback_model(self.model, self.optimizer) if callbacks else None
+        listed = CallbackList(callbacks, model=model, params={"steps": budget})
+        logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
+        if return_dict:
+            return logs
+        values = list(logs.values())
+        return values[0] if len(values) == 1 else values
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Outputs for every example, ``{output name: array}``, batches concatenated in order.
@@ -345,5 +391,5 @@ class Trainer:
         """
         source = Data(data, what="prediction data", batch_size=batch_size, with_targets=False)
         if self._predictor is None:
-            self._predictor = Predictor(self._forward, self.strategy, self.run_eagerly)
+            self._predictor = Predictor(self._call, self.strategy, self.run_eagerly)
         return self._predictor(source.dataset())

@@ -73,10 +73,10 @@ class StepMath:
         self._regularization = regularization
         self._objective = objective
         self._metrics = metrics
-        self._trackers = trackers
-        self._optimizer = optimizer
-        self._variables = variables
-        self._strategy = strategy
+        self.trackers = trackers
+        self.optimizer = optimizer
+        self.variables = variables
+        self.strategy = strategy
         self._replicas = strategy.num_replicas_in_sync
         self._hint = output_hint
         self.log_grad_norms = log_grad_norms
@@ -100,7 +100,7 @@ class StepMath:
         return outputs, parts, {**parts, TOTAL: total}
 
     def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
-        tracker = self._trackers[mode]
+        tracker = self.trackers[mode]
         metric_values = self._metrics.callable_values(outputs, targets, self._hint)
         values = {**values, **self._empty_is_zero(inputs, metric_values)}
         tracker.update_means(values, batch_size_of(inputs))
@@ -109,10 +109,10 @@ class StepMath:
     def _component_grads(self, tape, terms: list[tf.Tensor]) -> list[list[tf.Tensor]]:
         """Each weighted component's gradient over the variables shared by more than one component (all variables
         when none is shared), None replaced by zeros."""
-        per_key = [tape.gradient(term, self._variables) for term in terms]
-        users = [sum(g[j] is not None for g in per_key) for j in range(len(self._variables))]
+        per_key = [tape.gradient(term, self.variables) for term in terms]
+        users = [sum(g[j] is not None for g in per_key) for j in range(len(self.variables))]
         shared = [j for j, n in enumerate(users) if n > 1] or [j for j, n in enumerate(users) if n > 0]
-        return [[g[j] if g[j] is not None else tf.zeros_like(self._variables[j]) for j in shared] for g in per_key]
+        return [[g[j] if g[j] is not None else tf.zeros_like(self.variables[j]) for j in shared] for g in per_key]
 
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
@@ -121,12 +121,12 @@ class StepMath:
             outputs, parts, values = self._losses(inputs, targets, training=True, weights=weights)
             # The one distribution scaling: loss × b/B, gradients summed over replicas.
             objective = values[TOTAL] if share is None else values[TOTAL] * share
-            scaled = self._optimizer.scale_loss(objective)  # identity unless loss scaling is on
+            scaled = self.optimizer.scale_loss(objective)  # identity unless loss scaling is on
             terms = []  # each weighted component, × b/B like the total (unscaled: norms need no loss scale)
             if self.log_grad_norms:
                 terms = [weights[i] * parts[key] for i, key in enumerate(self._objective.keys)]
                 terms = terms if share is None else [term * share for term in terms]
-        grads = tape.gradient(scaled, self._variables)
+        grads = tape.gradient(scaled, self.variables)
         if all(g is None for g in grads):
             raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
         component_grads = self._component_grads(tape, terms) if self.log_grad_norms else []
@@ -154,11 +154,11 @@ class StepMath:
     # -- over all replicas (cross-replica context) ----------------------------------------------------------------
 
     def _sum(self, value: Any) -> tf.Tensor:
-        return self._strategy.reduce(SUM, value, axis=None)
+        return self.strategy.reduce(SUM, value, axis=None)
 
     def micro(self, batch: Any, weights: tf.Tensor) -> Micro:
         """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled."""
-        bad, values, grads, examples, component_grads = self._strategy.run(self._train_replica, args=(batch, weights))
+        bad, values, grads, examples, component_grads = self.strategy.run(self._train_replica, args=(batch, weights))
         norms = None
         if self.log_grad_norms:
             norms = tf.stack([tf.linalg.global_norm([self._sum(g) for g in per_key]) for per_key in component_grads])
@@ -172,12 +172,12 @@ class StepMath:
 
     def apply(self, grads: list[tf.Tensor | None], finite: tf.Tensor, norms: tf.Tensor | None) -> None:
         """The one guarded update: nothing changes when a loss component is non-finite."""
-        pairs = [(g, v) for g, v in zip(grads, self._variables) if g is not None]
+        pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
 
         def update() -> tf.Tensor:
-            self._optimizer.apply_gradients(pairs)  # a LossScaleOptimizer unscales (and skips on overflow)
+            self.optimizer.apply_gradients(pairs)  # a LossScaleOptimizer unscales (and skips on overflow)
             if norms is not None:
-                self._trackers["train"].update_step_means(norms)
+                self.trackers["train"].update_step_means(norms)
             return tf.constant(True)
 
         tf.cond(tf.reduce_all(finite), update, lambda: tf.constant(False))
@@ -189,7 +189,7 @@ class StepMath:
         return micro.finite, micro.values
 
     def evaluate(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        bad, values = self._strategy.run(self._eval_replica, args=(batch, weights))
+        bad, values = self.strategy.run(self._eval_replica, args=(batch, weights))
         return tf.equal(self._sum(bad), 0), self._sum(values)
 
     def accumulate(self, pull: Callable[[], tuple[tf.Tensor, Callable]], k: int, micro: Callable, weights: tf.Tensor):
@@ -202,7 +202,7 @@ class StepMath:
         """
         connected: list[bool] = []  # filled while the loop body is traced: which variables get a gradient
         n = len(self.loss_keys)
-        zero_grads = [tf.zeros_like(v) for v in self._variables]
+        zero_grads = [tf.zeros_like(v) for v in self.variables]
         zero_norms = tf.zeros([len(self.norm_keys)], tf.float32)
 
         def body(j, more, examples, bad, values, norms, grads):

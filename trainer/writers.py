@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 
 from trainer.cadence import Every
 
-__all__ = ["CSVWriter", "MultiWriter", "ProgressWriter", "TensorBoardWriter", "Writer", "WriterCallback"]
+__all__ = [
+    "CSVWriter",
+    "MultiWriter",
+    "ProgressWriter",
+    "TensorBoardWriter",
+    "Writer",
+    "WriterCallback",
+    "progress_writers",
+]
 
 
 def format_scalars(scalars: Mapping[str, float]) -> str:
@@ -130,6 +138,14 @@ class ProgressWriter(Writer):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def progress_writers(verbose: int | str, progress: bool) -> list[Writer]:
+    """Keras' ``verbose``: 0 nothing, 1 a progress bar, 2 a line per epoch; ``"auto"`` follows ``progress`` (a bar
+    on a terminal, a line per epoch otherwise)."""
+    if verbose == "auto":
+        return [ProgressWriter()] if progress else []
+    return [] if verbose == 0 else [ProgressWriter(bar=verbose == 1)]
 
 
 class CSVWriter(Writer):

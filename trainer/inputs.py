@@ -1,0 +1,222 @@
+"""Keras' ``fit``/``evaluate`` arguments, with Keras' meanings, turned into tapeloop's one form of data.
+
+tapeloop's form is ``(inputs, {target name: array})`` (or a dataset of such pairs): sample weights are targets like
+any other — ``sample_weight`` for every output, ``sample_weight/<output>`` for one (``losses.sample_weight_key``) —
+so a loss callable can read them, and the Keras-style loss entries (``per_output``) apply them as Keras' compiled
+losses do. Here Keras' ``x, y, sample_weight, class_weight`` become that form, and ``validation_split`` takes the
+last fraction of the arrays before any shuffling, as ``Model.fit`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from losses import sample_weight_key
+from trainer.cadence import Every
+from trainer.data import Data
+from trainer.errors import DataError, names
+
+__all__ = [
+    "VERBOSE",
+    "check_validation_freq",
+    "class_weights",
+    "eval_budget",
+    "fit_data",
+    "keras_source",
+    "split_validation",
+    "validation_due",
+]
+
+VERBOSE = ("auto", 0, 1, 2)
+OutputNames = Callable[[Any], list[str]]  # first inputs -> the model's output names
+
+
+def _first_inputs(x: Any) -> Any:
+    return tf.nest.map_structure(lambda a: np.asarray(a)[:1], x)
+
+
+def _keyed(value: Any, output_names: list[str], what: str, role: str) -> dict[str, Any]:
+    """Keras' forms of ``y`` or ``sample_weight`` (a dict, a list in output order, one array) as a dict by output."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(output_names):
+            raise DataError(
+                f"{what}: {role} is a list of {len(value)} arrays but the model has {len(output_names)} outputs "
+                f"({names(output_names)}); give one per output, or a dict keyed by output name."
+            )
+        return dict(zip(output_names, value))
+    if len(output_names) != 1 and role == "y":
+        raise DataError(
+            f"{what}: y is one array but the model has {len(output_names)} outputs ({names(output_names)}); give a "
+            "dict {output name: array}."
+        )
+    return {output_names[0]: value}
+
+
+def class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
+    """Keras' rule (``class_weight_to_sample_weights``): a one-hot or probability row counts as its argmax, a
+    trailing axis of 1 is squeezed, labels are rounded; classes missing from ``class_weight`` weigh 1."""
+    labels = np.asarray(y)
+    if labels.ndim > 1:
+        labels = np.argmax(labels, axis=-1) if labels.shape[-1] != 1 else np.squeeze(labels, axis=-1)
+    labels = np.round(labels).astype(np.int64)
+    return np.array([class_weight.get(int(label), 1.0) for label in labels], np.float32)
+
+
+def _with_weights(
+    targets: dict[str, Any], sample_weight: Any, class_weight: Any, output_names: list[str], what: str
+) -> dict[str, Any]:
+    if class_weight is not None:
+        if sample_weight is not None:
+            raise DataError(f"{what}: class_weight and sample_weight exclude each other (as in Keras); give one.")
+        if len(targets) != 1:
+            raise DataError(
+                f"{what}: class_weight applies to a single output (as in Keras); the targets are {names(targets)}. "
+                "Give sample_weight per output instead."
+            )
+        sample_weight = class_weights(next(iter(targets.values())), class_weight)
+    if sample_weight is None:
+        return targets
+    if isinstance(sample_weight, (Mapping, list, tuple)):
+        weights = _keyed(sample_weight, output_names, what, "sample_weight")
+        unknown = sorted(set(weights) - set(output_names))
+        if unknown:
+            raise DataError(f"{what}: sample_weight names {names(unknown)}; the outputs are {names(output_names)}.")
+        return {**targets, **{sample_weight_key(name): w for name, w in weights.items()}}
+    return {**targets, sample_weight_key(): sample_weight}
+
+
+def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames) -> tf.data.Dataset:
+    """A dataset of Keras' ``(x, y)`` with ``y`` one tensor, or ``(x, y, sample_weight)``, in tapeloop's form."""
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3) or (isinstance(spec[1], Mapping) and len(spec) == 2):
+        return dataset  # tapeloop's form already, or something Data will reject with its own message
+    single = not isinstance(spec[1], (Mapping, tuple, list))
+    name = None
+    if single:
+        outputs = output_names(next(iter(dataset.take(1)))[0])
+        if len(outputs) != 1:
+            return dataset  # one target tensor for several outputs: Data says the targets must be a dict
+        name = outputs[0]
+
+    def keyed(x, y, weight=None):
+        targets = {name: y} if single else dict(y)
+        if weight is not None:
+            targets[sample_weight_key()] = weight
+        return x, targets
+
+    return dataset.map(keyed)
+
+
+def keras_source(
+    x: Any,
+    y: Any = None,
+    sample_weight: Any = None,
+    class_weight: Mapping[int, float] | None = None,
+    *,
+    what: str,
+    output_names: OutputNames,
+) -> Any:
+    """``x``/``y``/``sample_weight``/``class_weight`` as ``Model.fit`` takes them, in tapeloop's form.
+
+    ``y=None`` keeps tapeloop's own forms (``x = (inputs, {name: array})``, a dataset, or inputs alone).
+    ``y`` may be a dict by output name, a list in output order, or one array for a single-output model.
+    """
+    if isinstance(x, tf.data.Dataset):
+        if y is not None or sample_weight is not None or class_weight is not None:
+            raise DataError(
+                f"{what}: y, sample_weight and class_weight must be None when x is a tf.data.Dataset: its elements "
+                "carry the targets (and sample weights, as a third element)."
+            )
+        return _keyed_dataset(x, output_names)
+    if y is None:
+        if sample_weight is not None or class_weight is not None:
+            raise DataError(f"{what}: sample_weight and class_weight need y (or x = (inputs, {{name: target}})).")
+        return x
+    needs_names = not isinstance(y, Mapping) or isinstance(sample_weight, (Mapping, list, tuple))
+    outputs = output_names(_first_inputs(x)) if needs_names else list(y)
+    targets = _with_weights(_keyed(y, outputs, what, "y"), sample_weight, class_weight, outputs, what)
+    return x, targets
+
+
+def split_validation(source: Any, fraction: float) -> tuple[Any, Any]:
+    """``validation_split``: the last ``fraction`` of the arrays, taken before any shuffling (as ``Model.fit``)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"`validation_split` must be a number in [0, 1), got {fraction!r}.")
+    if isinstance(source, tf.data.Dataset) or not isinstance(source, (tuple, list)) or len(source) != 2:
+        raise DataError("validation_split needs numpy data (x, y); for a tf.data.Dataset pass validation_data instead.")
+    leaves = tf.nest.flatten(source)
+    n = len(leaves[0])
+    split_at = math.floor(n * (1.0 - fraction))
+    if split_at in (0, n):
+        raise DataError(f"validation_split={fraction} leaves no training or no validation example of {n}.")
+    part = lambda lo, hi: tf.nest.map_structure(lambda a: np.asarray(a)[lo:hi], source)  # noqa: E731
+    return part(0, split_at), part(split_at, n)
+
+
+def check_validation_freq(validation_freq: object) -> None:
+    """Keras' forms: a positive int, or a list of positive (1-based) epoch numbers."""
+    values = validation_freq if isinstance(validation_freq, (list, tuple, set)) else [validation_freq]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+        raise ValueError(
+            f"`validation_freq` must be a positive int or a list of epoch numbers (from 1), got {validation_freq!r}."
+        )
+
+
+def validation_due(epoch: int, validation_freq: int | Sequence[int]) -> bool:
+    """Keras' ``validation_freq``: an int validates every that many epochs, a list on those (1-based) epochs."""
+    if isinstance(validation_freq, (list, tuple, set)):
+        return epoch + 1 in validation_freq
+    return Every(validation_freq).due(epoch, epoch + 1)
+
+
+def fit_data(
+    x: Any,
+    y: Any,
+    *,
+    sample_weight: Any,
+    class_weight: Mapping[int, float] | None,
+    validation_split: float,
+    validation_data: Any,
+    batch_size: int | None,
+    validation_batch_size: int | None,
+    shuffle: bool,
+    seed: int,
+    output_names: OutputNames,
+) -> tuple[Data, Data | None]:
+    """The training and validation data of a ``fit`` call, from ``Model.fit``'s arguments."""
+    source = keras_source(x, y, sample_weight, class_weight, what="training data", output_names=output_names)
+    val_source = None
+    if validation_data is not None:  # Keras ignores validation_split when validation_data is given
+        if isinstance(validation_data, tf.data.Dataset):
+            val_source = keras_source(validation_data, what="validation data", output_names=output_names)
+        elif isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
+            val_source = keras_source(*validation_data, what="validation data", output_names=output_names)
+        else:
+            raise DataError(
+                "validation data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset; got "
+                f"{type(validation_data).__name__}."
+            )
+    elif validation_split:
+        source, val_source = split_validation(source, validation_split)
+    train = Data(source, what="training data", batch_size=batch_size, shuffle=shuffle, seed=seed)
+    val = None
+    if val_source is not None:
+        val_batch = None if isinstance(val_source, tf.data.Dataset) else validation_batch_size or batch_size
+        val = Data(val_source, what="validation data", batch_size=val_batch)
+    return train, val
+
+
+def eval_budget(data: Data, steps: int | None) -> tuple[int | None, bool]:
+    """(steps to evaluate, whether the data surely holds them): all batches, or the first ``steps`` (as Keras)."""
+    if steps is None:
+        return data.steps, data.steps is not None
+    if data.steps is None:
+        return steps, False
+    return min(steps, data.steps), True

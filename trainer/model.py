@@ -1,0 +1,67 @@
+"""Calling the user's model the way the loops need it.
+
+``ModelCall`` keys whatever the model returns by output name (``trainer/structure.py``), gives losses float32
+outputs under mixed precision, names the model in any error it raises while tapeloop checks the first batch or
+traces the step, sums ``model.losses``, and lists the state an inspecting pass must leave as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from trainer.errors import OWN_ERRORS, UserCodeError, describe_tensors
+from trainer.options import accepts_training
+from trainer.structure import as_output_dict, keyed, output_hint
+
+__all__ = ["ModelCall"]
+
+HALF = (tf.float16, tf.bfloat16)
+
+
+class ModelCall:
+    """``model(inputs, training) -> {output name: tensor}``, with its losses and state.
+
+    Args:
+        model: a ``keras.Model``, ``tf.Module`` or callable ``inputs -> outputs``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        if not callable(model):
+            raise TypeError(f"`model` must be callable (a keras.Model, tf.Module or function), got {model!r}.")
+        self.model = model
+        self.hint = output_hint(model)  # extra text for a missing output name
+        self._training_arg = accepts_training(model)
+
+    def __call__(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
+        model = self.model
+        try:
+            value = model(inputs, training=training) if self._training_arg else model(inputs)
+        except OWN_ERRORS:
+            raise
+        except Exception as err:  # at the first batch, or while tracing: name it, list what the model was given
+            raise UserCodeError("the model", err, describe_tensors("input", keyed(inputs))) from err
+        outputs = as_output_dict(value, getattr(model, "output_names", None))
+        # Mixed precision: losses, metrics and trackers see float32 outputs (as if the last layers were float32).
+        return {k: tf.cast(v, tf.float32) if v.dtype in HALF else v for k, v in outputs.items()}
+
+    def regularization(self) -> tf.Tensor | None:
+        """``sum(model.losses)`` in float32, or None when the model carries no losses."""
+        losses = list(getattr(self.model, "losses", None) or ())
+        return tf.add_n([tf.cast(loss, tf.float32) for loss in losses]) if losses else None
+
+    @property
+    def trainable_variables(self) -> list[tf.Variable]:
+        variables = getattr(self.model, "trainable_variables", None)
+        if variables is None:
+            raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
+        return list(variables)
+
+    def state(self) -> list[tf.Variable]:
+        """What an inspecting forward pass could change: the non-trainable variables (random generator states,
+        moving statistics, counters)."""
+        found = getattr(self.model, "non_trainable_variables", None)
+        if found is None:
+            found = getattr(self.model, "variables", None) or []
+        return list(found)
