@@ -125,7 +125,7 @@ def _data(n: int = 44):
     return x, {"output": x[:, :1] * 2 - x[:, 1:2]}
 
 
-def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_seed=5, **kwargs):
+def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_seed=5, callbacks=(), **kwargs):
     keras.utils.set_random_seed(global_seed)
     trainer = Trainer(
         model, optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, steps_per_execution=2, seed=9
@@ -135,7 +135,7 @@ def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_see
     if dataset:
         shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2, reshuffle_each_iteration=False)
         train = shuffled.batch(6).cache().prefetch(2)
-    callbacks = [helpers.Crash(trainer, crash_at)] if crash_at else []
+    callbacks = [*(callbacks() if callbacks else ()), *([helpers.Crash(trainer, crash_at)] if crash_at else [])]
     fit_kwargs = {} if dataset else {"batch_size": 6}
     history = trainer.fit(
         train, epochs=epochs, callbacks=callbacks, progress=False, checkpoint_dir=directory, **fit_kwargs, **kwargs
@@ -160,6 +160,29 @@ def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
     assert trainer.global_step == 24
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
     assert history.history == ref_history.history
+
+
+def test_early_stopping_and_reduce_lr_on_plateau_resume_with_their_state(tmp_path):
+    """Both see no improvement after epoch 0 (min_delta 10): the plateau halves the rate after epoch 1, early
+    stopping stops after epoch 2 and restores epoch 0's weights. A crash inside epoch 2 and a resume must do the
+    same: without their state, both would start counting again from the resumed epoch."""
+
+    def callbacks():
+        return [
+            keras.callbacks.EarlyStopping(monitor="loss", patience=2, min_delta=10.0, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=1, min_delta=10.0, factor=0.5, cooldown=1),
+        ]
+
+    reference = _model()
+    _, ref_history = _fit(reference, tmp_path / "ref", epochs=6, callbacks=callbacks, checkpoint_every=4)
+    assert len(ref_history.history["loss"]) == 3  # stopped after epoch 2 (0-based)
+    model = _model()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(model, tmp_path / "run", epochs=6, callbacks=callbacks, crash_at=19, checkpoint_every=4)
+    resumed = _model(seed=1)
+    trainer, history = _fit(resumed, tmp_path / "run", epochs=6, callbacks=callbacks, checkpoint_every=4)
+    assert history.history == ref_history.history and history.history["lr"][-1] == pytest.approx(0.01)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
 
 
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):

@@ -1,5 +1,10 @@
 """Callbacks: Keras callbacks run unchanged; ``History`` records epoch logs; one list dispatches every hook.
 
+A resumed ``fit`` gives callbacks their state back (:func:`callback_states` / :func:`restore_callback_states`):
+Keras' ``EarlyStopping``, ``ReduceLROnPlateau`` and ``ModelCheckpoint`` by their attributes, any other callback
+through the small protocol ``state_dict() -> dict`` / ``load_state_dict(state)`` (values: JSON-able, numpy arrays,
+lists of arrays), so a resumed run stops or lowers the rate at the same epoch as an uninterrupted one.
+
 Keras callbacks see ``self.model`` (the user's Keras model, with ``optimizer`` and ``stop_training`` set as
 ``Model.fit`` sets them; for a non-Keras model a small stand-in with the same attributes) and ``self.params``.
 Batch hooks run once per compiled block, with the index of the block's last step, as Keras does with
@@ -8,12 +13,16 @@ Batch hooks run once per compiled block, with the index of the block's last step
 
 from __future__ import annotations
 
+import base64
+import io
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 
-__all__ = ["CallbackList", "History", "callback_model"]
+__all__ = ["CallbackList", "History", "callback_model", "callback_states", "restore_callback_states"]
 
 
 class History(keras.callbacks.History):
@@ -92,3 +101,81 @@ class CallbackList:
             teardown = getattr(callback, "teardown", None)
             if teardown is not None:
                 teardown()
+
+
+# Keras callbacks whose decisions depend on what they saw in earlier epochs: the attributes that hold it.
+KERAS_STATE: dict[type, tuple[str, ...]] = {
+    keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_epoch", "best_weights"),
+    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+    keras.callbacks.ModelCheckpoint: ("best",),
+}
+
+
+def _encode(value: Any, where: str) -> Any:
+    """JSON-able form of a state value (numpy arrays as base64 ``.npy`` bytes)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.generic,)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v, where) for k, v in value.items()}
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy, tensors, variables
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(value), allow_pickle=False)
+        return {"__ndarray__": base64.b64encode(buffer.getvalue()).decode("ascii")}
+    raise TypeError(f"{where}: cannot save a {type(value).__name__} in a checkpoint (JSON values and arrays only).")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__"}:
+            return np.load(io.BytesIO(base64.b64decode(value["__ndarray__"])), allow_pickle=False)
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def _state(callback: keras.callbacks.Callback) -> dict[str, Any] | None:
+    if hasattr(callback, "state_dict"):
+        return dict(callback.state_dict())
+    for cls, attributes in KERAS_STATE.items():
+        if isinstance(callback, cls):
+            return {name: getattr(callback, name) for name in attributes if hasattr(callback, name)}
+    return None
+
+
+def callback_states(callbacks: Iterable[keras.callbacks.Callback]) -> list[dict[str, Any] | None]:
+    """Each callback's state, JSON-able, in order (None for a callback without state)."""
+    found = []
+    for callback in callbacks:
+        state = _state(callback)
+        name = type(callback).__name__
+        found.append(None if state is None else {"class": name, "state": _encode(state, f"callback {name}")})
+    return found
+
+
+def restore_callback_states(callbacks: Iterable[keras.callbacks.Callback], saved: list[dict[str, Any] | None]) -> None:
+    """Give each callback its saved state back (call it after ``on_train_begin``, which resets Keras' callbacks).
+    A callback list that changed since the checkpoint restores what still lines up and warns about the rest."""
+    callbacks = list(callbacks)
+    for index, entry in enumerate(saved or []):
+        if entry is None:
+            continue
+        callback = callbacks[index] if index < len(callbacks) else None
+        if callback is None or type(callback).__name__ != entry["class"]:
+            warnings.warn(
+                f"The checkpoint holds the state of a {entry['class']} callback at position {index}, but this fit "
+                f"has {type(callback).__name__ if callback else 'none'} there: its state is not restored.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        state = _decode(entry["state"])
+        if hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(state)
+        else:
+            for name, value in state.items():
+                setattr(callback, name, value)

@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer.callbacks import CallbackList, History
+from trainer.callbacks import CallbackList, History, callback_states, restore_callback_states
 from trainer.checkpoints import Checkpointer, Preemption, TrainingInterrupted
 from trainer.data import Data
 from trainer.errors import DataError
@@ -231,6 +231,7 @@ class FitLoop(BlockHooks):
         self.preemption: Preemption | None = None
         self.stop_agreed = False  # some process asked to stop; every worker stops at the same block
         self._saved_step = -1
+        self._callback_states: list | None = None  # restored, applied after on_train_begin
 
     # -- block hooks ----------------------------------------------------------------------------------------------
 
@@ -259,7 +260,11 @@ class FitLoop(BlockHooks):
             return None
         step = self.runner.global_step
         if self._saved_step != step or self.checkpointer.last_saved is None:
-            meta = {"global_step": step, "position": dataclasses.asdict(self.epochs.position)}
+            meta = {
+                "global_step": step,
+                "position": dataclasses.asdict(self.epochs.position),
+                "callbacks": callback_states(self.callbacks.callbacks),
+            }
             iterator = self.epochs.saved_iterator()
             extra = {} if iterator is None else {ITERATOR: iterator}
             self.checkpointer.save(step, {**meta, "history": self.history.history}, extra)
@@ -291,6 +296,7 @@ class FitLoop(BlockHooks):
         self.epochs.resume(position, restored["iterator"])
         self.runner.global_step = self._saved_step = int(meta["global_step"])
         self.history.restore(meta["history"])
+        self._callback_states = meta.get("callbacks")
         for callback in self.callbacks.callbacks:
             if hasattr(callback, "on_resume"):
                 callback.on_resume(meta["history"], self.runner.global_step, position.epoch_steps)
@@ -315,6 +321,7 @@ class FitLoop(BlockHooks):
         with Preemption() if catch else contextlib.nullcontext() as self.preemption:
             self.stop_agreed = False
             callbacks.on_train_begin(None)
+            restore_callback_states(callbacks.callbacks, self._callback_states)  # after Keras' own resets
             for epoch in range(first, epochs):
                 if not (epoch == position.epoch and position.mid_epoch):
                     runner.reset("train")  # a resumed epoch keeps its restored trackers

@@ -1,0 +1,289 @@
+"""Held against code nobody here wrote: Model.fit/evaluate with the same model, data and order, and the keras.io VAE.
+
+Keras' epoch trackers weight batches by the *static* batch size, None in its graph, so with a partial last batch its
+epoch values are unweighted means of batch means (see test_keras_parity.py). Every case here uses full batches.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers, ops
+from sklearn.datasets import load_digits
+
+from tests import helpers
+from trainer import Trainer
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_weights(a: keras.Model, b: keras.Model) -> None:
+    for x, y in zip(helpers.weights(a), helpers.weights(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+
+
+def _assert_history(ours: dict, theirs: dict, keys: dict[str, str]) -> None:
+    for mine, keras_key in keys.items():
+        np.testing.assert_allclose(ours[mine], theirs[keras_key], rtol=RTOL, atol=ATOL, err_msg=mine)
+
+
+def _single_output(seed: int = 0, units: int = 1, activation=None) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inp = layers.Input((5,))
+    hidden = layers.Dense(8, activation="relu")(inp)
+    return keras.Model(inp, layers.Dense(units, activation=activation)(hidden))
+
+
+def _regression(n: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    return x, (x @ rng.normal(size=(5, 1))).astype("float32"), rng.uniform(0.2, 2.0, n).astype("float32")
+
+
+# -- fit(x, y, ...) as Keras takes it ---------------------------------------------------------------------------------
+
+
+def test_single_output_loss_string_metric_list_sample_weight_and_validation_split_match_fit():
+    x, y, weights = _regression()
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    args = {"batch_size": 8, "epochs": 3, "shuffle": False, "sample_weight": weights, "validation_split": 0.2}
+    theirs = twin.fit(x, y, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    ours = trainer.fit(x, y, progress=False, **args).history
+    assert set(ours) == {"loss", "mae", "val_loss", "val_mae", "lr"}
+    _assert_history(ours, theirs, {k: k for k in ("loss", "mae", "val_loss", "val_mae")})
+    _assert_weights(model, twin)
+
+
+def test_class_weight_matches_fit():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(48, 5)).astype("float32")
+    y = rng.integers(0, 3, 48)
+    model = _single_output(units=3, activation="softmax")
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    class_weight = {0: 1.0, 1: 3.0, 2: 0.25}
+    args = {"batch_size": 16, "epochs": 3, "shuffle": False, "class_weight": class_weight}
+    theirs = twin.fit(x, y, verbose=0, **args).history
+    trainer = Trainer(
+        model, optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    ours = trainer.fit(x, y, progress=False, **args).history
+    _assert_history(ours, theirs, {"loss": "loss", "accuracy": "accuracy"})
+    _assert_weights(model, twin)
+
+
+def test_per_output_sample_weights_and_y_as_a_list_match_fit():
+    x, y = helpers.example1_data(32)
+    rng = np.random.default_rng(5)
+    weights = {"regression_output": rng.uniform(0, 2, 32), "classification_output": rng.uniform(0, 2, 32)}
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss=losses)
+    args = {"batch_size": 8, "epochs": 2, "shuffle": False}
+    as_list = [y["regression_output"], y["classification_output"]]  # in the model's output order
+    in_order = [weights["regression_output"], weights["classification_output"]]  # Keras: y's structure
+    theirs = twin.fit(x, as_list, sample_weight=in_order, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=losses)
+    ours = trainer.fit(x, as_list, sample_weight=weights, progress=False, **args).history
+    keys = {"loss": "loss", "regression_output": "regression_output_loss"}
+    _assert_history(ours, theirs, {**keys, "classification_output": "classification_output_loss"})
+    _assert_weights(model, twin)
+
+
+def test_initial_epoch_validation_freq_batch_size_and_steps_match_fit():
+    x, y, _ = _regression(48)
+    xv, yv, _ = _regression(40)
+    yv = yv * np.arange(40)[:, None]  # later validation batches differ: validation_steps must take the first ones
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse", metrics=["mae"])
+    args = {
+        "batch_size": 16,
+        "epochs": 5,
+        "initial_epoch": 1,
+        "shuffle": False,
+        "validation_data": (xv, yv),
+        "validation_freq": 2,
+        "validation_batch_size": 8,
+        "validation_steps": 3,
+    }
+    keras_history = twin.fit(x, y, verbose=0, **args)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.02), loss="mse", metrics=["mae"])
+    history = trainer.fit(x, y, progress=False, **args)
+    assert history.epoch == keras_history.epoch == [1, 2, 3, 4]
+    assert len(history.history["val_loss"]) == 2  # epochs 2 and 4 (1-based), as Keras
+    _assert_history(history.history, keras_history.history, {k: k for k in ("loss", "mae", "val_loss", "val_mae")})
+    _assert_weights(model, twin)
+
+
+def test_evaluate_with_sample_weight_matches_keras_and_return_dict_false_is_its_list():
+    x, y, weights = _regression()
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(loss="mse", metrics=["mae"])
+    trainer = Trainer(model, loss="mse", metrics=["mae"])
+    theirs = twin.evaluate(x, y, sample_weight=weights, batch_size=8, verbose=0, return_dict=True)
+    ours = trainer.evaluate(x, y, sample_weight=weights, batch_size=8)
+    assert ours == pytest.approx(theirs, rel=RTOL)
+    listed = trainer.evaluate(x, y, sample_weight=weights, batch_size=8, return_dict=False)
+    assert listed == pytest.approx(twin.evaluate(x, y, sample_weight=weights, batch_size=8, verbose=0), rel=RTOL)
+    assert trainer.evaluate(x, y, batch_size=8, steps=2) == pytest.approx(
+        twin.evaluate(x, y, batch_size=8, steps=2, verbose=0, return_dict=True), rel=RTOL
+    )
+
+
+def test_a_dataset_of_keras_x_y_sample_weight_batches_matches_fit():
+    x, y, weights = _regression()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(8)
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    theirs = twin.fit(dataset, epochs=2, verbose=0).history
+    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse").fit(dataset, epochs=2, verbose=0).history
+    _assert_history(ours, theirs, {"loss": "loss"})
+    _assert_weights(model, twin)
+
+
+def test_verbose_zero_prints_nothing_and_two_prints_a_line_per_epoch(capsys):
+    x, y, _ = _regression()
+    trainer = Trainer(_single_output(), loss="mse")
+    trainer.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert capsys.readouterr().err == ""
+    trainer.fit(x, y, batch_size=8, epochs=2, verbose=2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" - ")[:2] for line in lines] == [["Epoch 1/2", "5 steps"], ["Epoch 2/2", "5 steps"]]
+
+
+def test_keras_argument_mistakes_are_named():
+    x, y, weights = _regression()
+    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse", "classification_output": "mse"})
+    with pytest.raises(ValueError, match="y is one array but the model has 2 outputs"):
+        trainer.fit(np.zeros((8, 100), "float32"), y[:8], progress=False)
+    single = Trainer(_single_output(), loss="mse")
+    with pytest.raises(ValueError, match="class_weight and sample_weight exclude each other"):
+        single.fit(x, y, sample_weight=weights, class_weight={0: 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"`validation_freq` must be a positive int or a list"):
+        single.fit(x, y, validation_freq=0, progress=False)
+    with pytest.raises(ValueError, match=r"`verbose` must be one of 'auto', 0, 1, 2; got 3"):
+        single.fit(x, y, verbose=3)
+    with pytest.raises(ValueError, match=r"validation_split=0.99 leaves no training or no validation example of 40"):
+        single.fit(x, y, validation_split=0.99, progress=False)
+    with pytest.raises(ValueError, match=r"`metrics` is a list, which applies to a single-output model"):
+        Trainer(helpers.example1(), loss={"regression_output": "mse", "classification_output": "mse"},
+                metrics=["mae"]).fit(*helpers.example1_data(8), progress=False)  # fmt: skip
+    assert single.global_step == 0
+
+
+# -- what fit does around the loop ------------------------------------------------------------------------------------
+
+
+def test_ema_optimizer_ends_with_the_averaged_weights_as_fit_does():
+    x, y = helpers.example1_data(64)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
+    twin.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
+    trainer.fit((x, y), batch_size=16, epochs=3, shuffle=False, progress=False)
+    _assert_weights(model, twin)
+
+
+# -- the keras.io VAE (examples/generative/vae.py, Keras 3 form) -------------------------------------------------------
+
+
+class Sampling(layers.Layer):
+    """keras.io's: draws from its own SeedGenerator whatever ``training`` is."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seed_generator = keras.random.SeedGenerator(1337)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        batch, dim = ops.shape(z_mean)[0], ops.shape(z_mean)[1]
+        epsilon = keras.random.normal(shape=(batch, dim), seed=self.seed_generator)
+        return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+
+def _vae_parts(latent_dim: int = 2):
+    keras.utils.set_random_seed(11)  # the same initial weights for the reference and for the Trainer
+    encoder_inputs = keras.Input(shape=(28, 28, 1))
+    x = layers.Conv2D(32, 3, activation="relu", strides=2, padding="same")(encoder_inputs)
+    x = layers.Conv2D(64, 3, activation="relu", strides=2, padding="same")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(16, activation="relu")(x)
+    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    z = Sampling()([z_mean, z_log_var])
+    encoder = keras.Model(encoder_inputs, [z_mean, z_log_var, z], name="encoder")
+    latent_inputs = keras.Input(shape=(latent_dim,))
+    x = layers.Dense(7 * 7 * 64, activation="relu")(latent_inputs)
+    x = layers.Reshape((7, 7, 64))(x)
+    x = layers.Conv2DTranspose(64, 3, activation="relu", strides=2, padding="same")(x)
+    x = layers.Conv2DTranspose(32, 3, activation="relu", strides=2, padding="same")(x)
+    decoder_outputs = layers.Conv2DTranspose(1, 3, activation="sigmoid", padding="same")(x)
+    return encoder, keras.Model(latent_inputs, decoder_outputs, name="decoder")
+
+
+class VAE(keras.Model):
+    """keras.io's VAE with its own train_step, run by Model.fit."""
+
+    def __init__(self, encoder, decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder, self.decoder = encoder, decoder
+        self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+
+    @property
+    def metrics(self):
+        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.kl_loss_tracker]
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            z_mean, z_log_var, z = self.encoder(data)
+            reconstruction = self.decoder(z)
+            reconstruction_loss = ops.mean(ops.sum(keras.losses.binary_crossentropy(data, reconstruction), axis=(1, 2)))
+            kl_loss = -0.5 * (1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
+            kl_loss = ops.mean(ops.sum(kl_loss, axis=1))
+            total_loss = reconstruction_loss + kl_loss
+        grads = tape.gradient(total_loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+        self.total_loss_tracker.update_state(total_loss)
+        self.reconstruction_loss_tracker.update_state(reconstruction_loss)
+        self.kl_loss_tracker.update_state(kl_loss)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def vae_loss(outputs, targets):
+    """The same objective as a tapeloop loss: one callable reading all three outputs, two components."""
+    reconstruction = ops.mean(
+        ops.sum(keras.losses.binary_crossentropy(targets["image"], outputs["reconstruction"]), axis=(1, 2))
+    )
+    z_mean, z_log_var = outputs["z_mean"], outputs["z_log_var"]
+    kl = ops.mean(ops.sum(-0.5 * (1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var)), axis=1))
+    return {"reconstruction": reconstruction, "kl": kl}
+
+
+def test_keras_io_vae_matches_its_own_train_step_under_fit():
+    digits = load_digits().images[:128] / 16.0  # 8x8 -> 24x24 -> padded 28x28, in [0, 1]
+    images = np.pad(np.kron(digits, np.ones((3, 3))), ((0, 0), (2, 2), (2, 2)))[..., None].astype("float32")
+    reference = VAE(*_vae_parts())
+    reference.compile(optimizer=keras.optimizers.Adam())
+    theirs = reference.fit(images, epochs=3, batch_size=32, shuffle=False, verbose=0).history
+    encoder, decoder = _vae_parts()
+    inputs = keras.Input(shape=(28, 28, 1))
+    z_mean, z_log_var, z = encoder(inputs)
+    model = keras.Model(inputs, {"z_mean": z_mean, "z_log_var": z_log_var, "reconstruction": decoder(z)})
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(), loss=vae_loss, steps_per_execution=1)
+    ours = trainer.fit((images, {"image": images}), batch_size=32, epochs=3, shuffle=False, progress=False).history
+    _assert_history(ours, theirs, {"loss": "total_loss", "reconstruction": "reconstruction_loss", "kl": "kl_loss"})
+    for mine, keras_weight in zip(
+        encoder.weights + decoder.weights, reference.encoder.weights + reference.decoder.weights
+    ):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(keras_weight), rtol=RTOL, atol=ATOL)
