@@ -180,7 +180,7 @@ def test_early_stopping_and_reduce_lr_on_plateau_resume_with_their_state(tmp_pat
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", epochs=6, callbacks=callbacks, crash_at=19, checkpoint_every=4)
     resumed = _model(seed=1)
-    trainer, history = _fit(resumed, tmp_path / "run", epochs=6, callbacks=callbacks, checkpoint_every=4)
+    _, history = _fit(resumed, tmp_path / "run", epochs=6, callbacks=callbacks, checkpoint_every=4)
     assert history.history == ref_history.history and history.history["lr"][-1] == pytest.approx(0.01)
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
 
