@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import DataError, MissingKeyError, NonFiniteLossError, ShapeMismatchError, Trainer
+from trainer import DataError, MissingKeyError, NonFiniteLossError, ShapeMismatchError, Trainer, UserCodeError
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
 
@@ -204,3 +204,57 @@ def test_non_finite_loss_names_component_and_step_and_keeps_last_good_weights():
     assert trainer.global_step == 2
     for a, b in zip(helpers.weights(model), helpers.weights(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _shapes_model() -> keras.Model:
+    inp = keras.layers.Input((32, 1))
+    return keras.Model(inp, {"x": keras.layers.Dense(1, activation="sigmoid")(inp)})
+
+
+def test_an_error_inside_a_users_loss_names_the_loss_and_every_tensor_it_was_given():
+    """The issue's case: an output (B, 32, 1) against a target (B, 64, 1) inside a custom loss."""
+
+    def recon(outputs, targets):
+        return keras.ops.mean(keras.losses.binary_crossentropy(targets["x"], outputs["x"]))
+
+    trainer = Trainer(_shapes_model(), loss={"recon": recon})
+    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 64, 1), "float32")})
+    message = (
+        "loss 'recon' raised ValueError: Arguments `target` and `output` must have the same shape.*\n"
+        "It was given:\n  output 'x': shape \\(4, 32, 1\\), float32\n  target 'x': shape \\(4, 64, 1\\), float32$"
+    )
+    _fails_before_update(trainer, UserCodeError, message, data, batch_size=4)
+    with pytest.raises(UserCodeError) as caught:
+        trainer.fit(data, batch_size=4, progress=False)
+    assert type(caught.value.__cause__) is ValueError  # the original, kept as the cause
+
+
+def test_an_error_only_at_trace_time_names_the_metric_too():
+    """Eagerly `.numpy()` works (the first-batch check passes); inside the compiled step it cannot."""
+
+    def peak(outputs, targets):
+        return float(np.max(outputs["x"].numpy()))
+
+    trainer = Trainer(_shapes_model(), loss="mse", metrics={"peak": peak})
+    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 32, 1), "float32")})
+    message = "metric 'peak' raised AttributeError: .*numpy.*\nIt was given:\n  output 'x': shape \\(None, 32, 1\\)"
+    _fails_before_update(trainer, UserCodeError, message, data, batch_size=4)
+
+
+def test_a_keras_style_loss_function_gets_a_hint_and_the_model_is_named_when_it_raises():
+    def keras_style(y_true, y_pred):
+        return keras.ops.mean((y_true - y_pred) ** 2)
+
+    trainer = Trainer(_shapes_model(), loss=keras_style)
+    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 32, 1), "float32")})
+    _fails_before_update(trainer, UserCodeError, "(?s)the loss raised TypeError.*use losses.per_output", data)
+    narrow = Trainer(_shapes_model(), loss={"x": "mse"})
+    message = "the model raised ValueError: .*\nIt was given:\n  input 'x': shape \\(8, 16, 1\\), float32"
+    _fails_before_update(narrow, UserCodeError, message, (np.zeros((8, 16, 1), "float32"), {"x": data[1]["x"]}))
+
+
+def test_suggestions_list_the_names_tapeloop_accepts():
+    trainer = Trainer(helpers.example1(), loss=LOSSES, metrics={"classification_output": ["acuracy"]})
+    _fails_before_update(
+        trainer, ValueError, "Unknown Keras metric 'acuracy'.*Did you mean 'accuracy'", *helpers.example1_data(8)
+    )
