@@ -43,14 +43,17 @@ def _regression(n: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # -- fit(x, y, ...) as Keras takes it ---------------------------------------------------------------------------------
 
 
-def test_single_output_loss_string_metric_list_sample_weight_and_validation_split_match_fit():
+@pytest.mark.parametrize(
+    "loss", ["mse", keras.losses.MeanSquaredError(), keras.losses.mean_squared_error], ids=["str", "Loss", "fn"]
+)
+def test_single_output_loss_string_metric_list_sample_weight_and_validation_split_match_fit(loss):
     x, y, weights = _regression()
     model = _single_output()
     twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss, metrics=["mae"])
     args = {"batch_size": 8, "epochs": 3, "shuffle": False, "sample_weight": weights, "validation_split": 0.2}
     theirs = twin.fit(x, y, verbose=0, **args).history
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=loss, metrics=["mae"])
     ours = trainer.fit(x, y, progress=False, **args).history
     assert set(ours) == {"loss", "mae", "val_loss", "val_mae", "lr"}
     _assert_history(ours, theirs, {k: k for k in ("loss", "mae", "val_loss", "val_mae")})

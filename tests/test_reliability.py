@@ -185,6 +185,35 @@ def test_early_stopping_and_reduce_lr_on_plateau_resume_with_their_state(tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
 
 
+class Counting(keras.callbacks.Callback):
+    """A user's callback with state: the state_dict/load_state_dict protocol, arrays included."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs_seen, self.last = 0, np.zeros(3)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs_seen += 1
+        self.last = self.last + logs["loss"]
+
+    def state_dict(self):
+        return {"epochs_seen": self.epochs_seen, "last": self.last}
+
+    def load_state_dict(self, state):
+        self.epochs_seen, self.last = state["epochs_seen"], state["last"]
+
+
+def test_a_users_callback_gets_its_state_back_through_state_dict(tmp_path):
+    counting = Counting()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(_model(), tmp_path, callbacks=lambda: [counting], crash_at=19, checkpoint_every=4)  # in epoch 2
+    assert counting.epochs_seen == 2
+    resumed = Counting()
+    _, history = _fit(_model(), tmp_path, callbacks=lambda: [resumed], checkpoint_every=4)
+    assert resumed.epochs_seen == 3
+    np.testing.assert_allclose(resumed.last, np.full(3, sum(history.history["loss"])), rtol=1e-6)
+
+
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):
     model = _model()
     trainer, _ = _fit(model, tmp_path, epochs=2)
