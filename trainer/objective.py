@@ -66,8 +66,8 @@ class Objective:
                         f"loss[{name!r}] is a {type(fn).__name__}; expected a callable loss(outputs, targets), a "
                         "Keras loss name or a keras.losses.Loss."
                     )
-        elif _is_keras_loss(loss):
-            self._top_level_keras = loss  # bound to the single output in build()
+        elif _is_keras_loss(loss) or _is_keras_function(loss):
+            self._top_level_keras = loss  # bound to the single output in bind_outputs()
         elif callable(loss):
             self._entries[None] = loss
         else:
