@@ -27,9 +27,21 @@ from trainer.inputs import eval_budget, validation_due
 from trainer.runner import BlockHooks, BlockRunner
 from trainer.step import BlockInfo
 
-__all__ = ["EpochRunner", "FitLoop", "FreshPasses", "Position", "RunningIterator", "Validation"]
+__all__ = [
+    "INEXACT_AT_EPOCH_ENDS",
+    "EpochRunner",
+    "FitLoop",
+    "FreshPasses",
+    "Position",
+    "RunningIterator",
+    "Validation",
+]
 
 ITERATOR = "iterator"  # the checkpoint slot of a dataset's iterator
+INEXACT_AT_EPOCH_ENDS = (
+    "this training data resumes exactly from mid-epoch checkpoints only: a tf.data dataset of unknown length, or "
+    "under several replicas, gets a fresh iterator per epoch, whose shuffle order a new process cannot continue."
+)
 
 
 @dataclass
@@ -67,7 +79,10 @@ class Position:
 
 
 class FreshPasses:
-    """Without ``steps_per_epoch``: every epoch is one new pass over the data (numpy input reshuffled for it)."""
+    """Every epoch is one new pass over the data: numpy input (reshuffled from (seed, epoch), so exact at any
+    step), and datasets of unknown length or under several replicas (exact mid-epoch only)."""
+
+    repeat = False
 
     def __init__(self, data: Data, batches_per_step: int) -> None:
         self.steps = None if data.steps is None else -(-data.steps // batches_per_step)  # a short group is a step
@@ -83,12 +98,14 @@ class FreshPasses:
 
 
 class RunningIterator:
-    """With ``steps_per_epoch``: one iterator runs on across epochs, and a new pass starts when finite data ends."""
+    """One iterator runs on across epochs of ``steps`` steps each. Over a dataset of known length (one replica) it
+    is an iterator over ``dataset.repeat()``: checkpointed with its shuffle state, it resumes exactly at any step,
+    epoch boundaries included. Otherwise a new pass starts when finite data ends."""
 
-    exact = False  # the data may end inside any block
-
-    def __init__(self, steps_per_epoch: int) -> None:
-        self.steps = steps_per_epoch
+    def __init__(self, steps: int, *, repeat: bool) -> None:
+        self.steps = steps
+        self.repeat = repeat
+        self.exact = repeat  # a repeated dataset never ends inside a block
 
     def run_epoch(self, epochs: EpochRunner, run) -> None:
         while epochs.position.epoch_steps < self.steps:
@@ -121,12 +138,15 @@ class _Advancing(BlockHooks):
 
 
 class EpochRunner:
-    """Training epochs over one data source, with the iterator policy ``steps_per_epoch`` selects.
+    """Training epochs over one data source, with an iterator policy chosen from the data.
+
+    With ``steps_per_epoch``, or for a ``tf.data.Dataset`` of known length on one replica (whose epochs are then
+    ``cardinality`` batches of one repeated iterator), :class:`RunningIterator`; otherwise :class:`FreshPasses`.
 
     Args:
         runner: runs the compiled blocks.
         data: the training data.
-        steps_per_epoch: None for :class:`FreshPasses`, else :class:`RunningIterator`.
+        steps_per_epoch: steps per epoch, or None for one pass over the data.
         batches_per_step: ``gradient_accumulation_steps``.
     """
 
@@ -134,11 +154,26 @@ class EpochRunner:
         self.runner = runner
         self.data = data
         self.batches_per_step = batches_per_step
-        self.policy = (
-            FreshPasses(data, batches_per_step) if steps_per_epoch is None else RunningIterator(steps_per_epoch)
-        )
+        one_replica = runner.strategy.num_replicas_in_sync == 1
+        repeat = data.is_dataset and data.steps is not None and one_replica  # its iterator can be checkpointed
+        whole_steps = data.steps is not None and data.steps % batches_per_step == 0  # no short group at the end
+        if steps_per_epoch is not None:
+            self.policy: FreshPasses | RunningIterator = RunningIterator(steps_per_epoch, repeat=repeat)
+        elif repeat and whole_steps:
+            self.policy = RunningIterator(data.steps // batches_per_step, repeat=True)
+        else:
+            self.policy = FreshPasses(data, batches_per_step)
         self.iterator: Any = None
         self.position = Position()
+
+    @property
+    def exact_at_epoch_ends(self) -> bool:
+        """Whether a resume from a checkpoint taken at an epoch's end gives the epochs an uninterrupted run gets."""
+        return not self.data.is_dataset or self.policy.repeat
+
+    def _dataset(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+        dataset = self.data.dataset(epoch, skip_batches=skip_batches)
+        return dataset.repeat() if self.policy.repeat else dataset
 
     @property
     def steps(self) -> int | None:
@@ -148,7 +183,7 @@ class EpochRunner:
     def open_pass(self) -> Any:
         """A new pass over the data, built for the current epoch."""
         self.position.start_pass(self.position.epoch)
-        self.iterator = self.runner.distribute(self.data.dataset(self.position.epoch))
+        self.iterator = self.runner.distribute(self._dataset(self.position.epoch))
         return self.iterator
 
     def close_pass(self) -> None:
@@ -176,8 +211,8 @@ class EpochRunner:
         if position.pass_epoch < 0:
             return None
         if not self.data.is_dataset:
-            return self.runner.distribute(self.data.dataset(position.pass_epoch, skip_batches=position.pass_position))
-        iterator = self.runner.distribute(self.data.dataset(position.pass_epoch))
+            return self.runner.distribute(self._dataset(position.pass_epoch, skip_batches=position.pass_position))
+        iterator = self.runner.distribute(self._dataset(position.pass_epoch))
         if not restored_by_checkpoint:
             for _ in range(position.pass_position):  # reads the batches again, computes nothing
                 next(iterator)

@@ -9,6 +9,7 @@ to the loops; the loops reach nothing of the Trainer.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
-from trainer.epochs import EpochRunner, FitLoop, Validation
+from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, FitLoop, Validation
 from trainer.errors import DataError, names
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
@@ -328,6 +329,8 @@ class Trainer:
             checkpointer = Checkpointer(checkpoint_dir, state, every_n_steps=checkpoint_every, chief=chief)
         history = History()
         epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps)
+        if checkpointer is not None and not epochs_runner.exact_at_epoch_ends:
+            warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
         level = (1 if progress else 0) if verbose == "auto" else verbose
         params = {"epochs": epochs, "steps": epochs_runner.steps, "verbose": level}
         model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
