@@ -1,17 +1,24 @@
 """Train a task from the command line and keep everything about the run in one directory.
 
     python scripts/train.py [--task NAME | --task path/to/task.py] [--epochs N] [--batch-size N] [--seed N]
-                            [--logdir DIR] [--checkpoint-every STEPS] [--steps-per-execution N]
+                            [--logdir DIR] [--fresh] [--checkpoint-every STEPS] [--steps-per-execution N]
                             [--strategy default|mirrored|multiworker] [--no-progress]
 
 A task is a module with ``build(*, batch_size: int, seed: int) -> trainer.Task``. Built-in tasks live in
 ``scripts/tasks/`` and are chosen by name; anything else is a path to a task file. The run directory holds
 history.csv, metrics.json, loss_curves.png, tensorboard/, checkpoints/, final.weights.h5 and config.json.
+
+Rerunning a command with the same ``--logdir`` resumes it exactly. One process at a time owns a run directory (a
+lock the kernel releases when the process dies); every problem with the directory is a one-line error before any
+training step; a rerun whose arguments would make it another run (task, batch size, seed, strategy) is refused,
+naming the differing values; ``--epochs`` may grow; ``--fresh`` moves the old run aside and starts a new one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -30,6 +37,10 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK = "detection"
 STRATEGIES = ("default", "mirrored", "multiworker")
 TENSORBOARD_EVERY = 50  # per-step TensorBoard scalars every this many training steps
+IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas")  # what a rerun may not change
+PARTS = ("history.csv", "metrics.json", "config.json", "loss_curves.png", "final.weights.h5", "checkpoints",
+         "tensorboard")  # fmt: skip
+LOCK = ".lock"
 
 
 def builtin_tasks() -> list[str]:
@@ -82,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--epochs", type=positive_int, help="number of epochs (default: the task's own)")
     add("--batch-size", type=positive_int, default=32, help="global batch size, split across replicas and workers")
     add("--seed", type=int, default=0, help="seed for data, initial weights and shuffling")
-    add("--logdir", help="run directory (default: runs/<task>-<timestamp>)")
+    add("--logdir", help="run directory (default: runs/<task>-<timestamp>); rerun with it to resume")
+    add("--fresh", action="store_true", help="start a new run in --logdir, moving the old one aside (never deleted)")
     add("--checkpoint-every", type=positive_int, metavar="STEPS", help="write a checkpoint every STEPS steps")
     add(
         "--steps-per-execution",
@@ -117,24 +129,101 @@ class Run:
     logdir: Path
 
 
+def check_logdir(logdir: Path) -> None:
+    """Every problem with the run directory, as a one-line error, before anything is imported or trained."""
+    if logdir.exists() and not logdir.is_dir():
+        raise SystemExit(f"error: --logdir {logdir} is a file, not a directory.")
+    existing = next((p for p in [logdir, *logdir.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot create or write --logdir {logdir}: {existing} is not a writable directory.")
+    for part in PARTS:
+        path = logdir / part
+        if path.exists() and not os.access(path, os.W_OK):
+            raise SystemExit(f"error: {path} is not writable; fix its permissions or use another --logdir.")
+
+
+@contextlib.contextmanager
+def locked(logdir: Path):
+    """One live run per directory: an flock the kernel releases when the process ends, however it ends."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    with open(logdir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise SystemExit(f"error: --logdir {logdir} is in use by a running run ({owner}); wait for it or use "
+                             "another --logdir.") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def move_aside(logdir: Path) -> None:
+    """``--fresh``: the old run goes to ``<logdir>.old-<timestamp>``; nothing is deleted."""
+    if logdir.is_dir() and any(p.name != LOCK for p in logdir.iterdir()):
+        aside = logdir.with_name(f"{logdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        logdir.rename(aside)
+        print(f"--fresh: the previous run in {logdir} was moved to {aside}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> Run:
     args = parse_args(argv)
     if args.strategy == "multiworker" and args.logdir is None:
         raise SystemExit("error: --strategy multiworker needs --logdir (every worker must name the same directory)")
+    name = Path(args.task).stem
+    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_logdir(logdir)
     module = load_task(args.task)
     strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
     from trainer.cluster import is_chief
 
-    name = Path(args.task).stem
-    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     chief = is_chief(strategy)
-    # Only the chief writes the run directory; other workers write theirs to a temporary one and delete it.
-    run_dir = logdir if chief else Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
-    try:
-        return run(args, argv, module, strategy, name, logdir, run_dir)
-    finally:
-        if not chief:
+    if not chief:  # only the chief writes the run directory; other workers use a temporary one and delete it
+        run_dir = Path(tempfile.mkdtemp(prefix="tapeloop-worker-"))
+        try:
+            return run(args, argv, module, strategy, name, logdir, run_dir)
+        finally:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if args.fresh:
+        move_aside(logdir)
+    with locked(logdir):
+        return run(args, argv, module, strategy, name, logdir, logdir)
+
+
+def where_it_stands(config: dict, logdir: Path, epochs: int) -> str | None:
+    """Refuse a rerun that would be another run; return a line saying where a resumed run stands, or exit 0 when
+    there is nothing left to train."""
+    previous_file = logdir / "config.json"
+    if not previous_file.exists():
+        return None
+    previous = json.loads(previous_file.read_text())
+    changed = [
+        f"{key}: {previous.get(key)!r} -> {config[key]!r}" for key in IDENTITY if previous.get(key) != config[key]
+    ]
+    if changed:
+        raise SystemExit(
+            f"error: {logdir} holds a run with other arguments ({'; '.join(changed)}); resuming it would silently "
+            "be another run. Rerun with its arguments, or start fresh: a new --logdir, or --fresh (moves it aside)."
+        )
+    from trainer.checkpoints import read_meta
+
+    found = read_meta(logdir / "checkpoints")
+    if found is None:
+        return None
+    path, meta = found
+    done, steps = meta["position"]["epoch"], meta["position"]["epoch_steps"]
+    if done >= epochs:
+        at = f"epoch {done}" + (f" and {steps} steps of the next" if steps else "")
+        print(f"already trained to {at} (--epochs {epochs}); nothing to do. Run directory: {logdir}", flush=True)
+        raise SystemExit(0)
+    where = f"epoch {done}" + (f" + {steps} steps" if steps else "")
+    return f"resumed from checkpoint {Path(path).name} ({where}, step {meta['global_step']})"
 
 
 def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) -> Run:
@@ -152,7 +241,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
     )
 
     start = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # (the chief's exists: it holds the lock)
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, data
     tf.config.experimental.enable_op_determinism()  # the same bits on the same machine, run after run
     with strategy.scope():
@@ -170,7 +259,11 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
     epochs = args.epochs or task.epochs
     config = {**vars(args), "task_file": str(module.__file__), "logdir": str(logdir), "epochs": epochs}
     config["replicas"] = strategy.num_replicas_in_sync
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    del config["fresh"]
+    resumed = where_it_stands(config, logdir, epochs)
+    if resumed:
+        print(resumed, flush=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # --epochs is the run's new target
     writers = [
         CSVWriter(run_dir / "history.csv"),
         TensorBoardWriter(run_dir / "tensorboard", every_n_steps=TENSORBOARD_EVERY),

@@ -78,7 +78,7 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
     run = _cli().main([*args, "--checkpoint-every", "4", "--steps-per-execution", "3"])
     out = capsys.readouterr().out
     names = {"history.csv", "metrics.json", "loss_curves.png", "tensorboard", "checkpoints", "final.weights.h5"}
-    assert names | {"config.json"} == {p.name for p in logdir.iterdir()}
+    assert names | {"config.json", ".lock"} == {p.name for p in logdir.iterdir()}  # .lock: one live run at a time
     history = run.history
     keys = ["loss", "mse", "ce", "p/accuracy", "lr", "val_loss", "val_mse", "val_ce", "val_p/accuracy"]
     assert list(history) == keys and len(history["loss"]) == 3

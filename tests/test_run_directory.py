@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +102,66 @@ def test_sigkill_after_an_epoch_boundary_checkpoint_then_rerun_is_bit_identical(
     assert int(latest.rsplit("-", 1)[1]) % 45 == 0 and int(latest.rsplit("-", 1)[1]) < 450  # killed at a boundary
     _cli(*base, "--logdir", str(run))
     _assert_same_run(run, tmp_path / "straight")
+
+
+# -- reruns and the directory itself (in process: the CLI's main, as test_cli.py runs it) ------------------------------
+
+
+def _main():
+    from tests.test_cli import _cli
+
+    return _cli().main
+
+
+def _user_task(tmp_path: Path) -> Path:
+    from tests.test_cli import USER_TASK
+
+    task = tmp_path / "task.py"
+    task.write_text(USER_TASK)
+    return task
+
+
+def test_a_rerun_that_would_be_another_run_is_refused_and_fresh_moves_the_old_one_aside(tmp_path, capsys):
+    main, task, logdir = _main(), _user_task(tmp_path), tmp_path / "run"
+    base = ["--task", str(task), "--batch-size", "16", "--no-progress", "--logdir", str(logdir)]
+    main([*base, "--epochs", "2"])
+    before = {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match=r"other arguments \(batch_size: 16 -> 8; seed: 0 -> 1\).*--fresh"):
+        main([*base[:-2], "--batch-size", "8", "--seed", "1", "--logdir", str(logdir)])
+    assert {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()} == before  # nothing touched
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main([*base, "--epochs", "2"])
+    assert done.value.code == 0 and "already trained to epoch 2 (--epochs 2); nothing to do" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in logdir.iterdir() if p.is_file()} == before
+    main([*base, "--epochs", "3"])
+    assert "resumed from checkpoint ckpt-10 (epoch 2, step 10)" in capsys.readouterr().out
+    fresh = main([*base[:-2], "--seed", "1", "--logdir", str(logdir), "--fresh", "--epochs", "1"])
+    (aside,) = tmp_path.glob("run.old-*")
+    assert len(_rows(aside)) == 3 and len(fresh.history["loss"]) == 1 and len(_rows(logdir)) == 1
+
+
+def test_logdir_problems_are_one_line_errors_before_training(tmp_path):
+    main, task = _main(), _user_task(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    base = ["--task", str(task), "--no-progress"]
+    with pytest.raises(SystemExit, match=f"error: --logdir {afile} is a file, not a directory."):
+        main([*base, "--logdir", str(afile)])
+    with pytest.raises(SystemExit, match=f"error: cannot create or write --logdir {afile}/run: {afile} is not a"):
+        main([*base, "--logdir", str(afile / "run")])
+    assert afile.read_text() == "not a directory"
+
+
+def test_a_second_process_on_a_live_logdir_is_refused_naming_it(tmp_path):
+    import fcntl
+
+    main, task, logdir = _main(), _user_task(tmp_path), tmp_path / "run"
+    logdir.mkdir()
+    with open(logdir / ".lock", "w") as held:  # what a live run holds (the kernel drops it if that run dies)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242\n")
+        held.flush()
+        with pytest.raises(SystemExit, match=r"--logdir .*run is in use by a running run \(pid 4242\)"):
+            main(["--task", str(task), "--no-progress", "--logdir", str(logdir)])
+    assert not (logdir / "checkpoints").exists()

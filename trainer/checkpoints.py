@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from trainer.cadence import Every
 
-__all__ = ["Checkpointer", "Preemption", "TrainingInterrupted"]
+__all__ = ["Checkpointer", "Preemption", "TrainingInterrupted", "read_meta"]
 
 
 class TrainingInterrupted(Exception):
@@ -220,3 +220,19 @@ class Checkpointer:
         if failed:
             raise RuntimeError(f"No checkpoint in {self.directory} could be restored; tried {', '.join(failed)}.")
         return None
+
+
+def read_meta(directory: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` whose meta can be read, and that meta; None when there is none.
+
+    For tools that ask where a run stands (the CLI: "resumed from", "nothing to do") without restoring anything.
+    """
+    state = tf.train.get_checkpoint_state(str(directory)) if (Path(directory) / "checkpoint").exists() else None
+    for path in reversed(state.all_model_checkpoint_paths if state else []):
+        meta = RunState()
+        try:
+            tf.train.Checkpoint(run=meta).read(path).expect_partial()
+        except Exception:
+            continue
+        return path, meta.value
+    return None
