@@ -258,3 +258,22 @@ def test_suggestions_list_the_names_tapeloop_accepts():
     _fails_before_update(
         trainer, ValueError, "Unknown Keras metric 'acuracy'.*Did you mean 'accuracy'", *helpers.example1_data(8)
     )
+
+
+def test_numpy_training_data_with_a_tf_data_validation_set():
+    x, y = helpers.example1_data(32)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    trainer = Trainer(helpers.example1(), loss=LOSSES)
+    logs = trainer.fit((x, y), batch_size=8, validation_data=val, shuffle=False, progress=False).history
+    assert logs["val_loss"] == pytest.approx([trainer.evaluate(val)["loss"]], rel=1e-6)
+
+
+def test_validation_problems_name_the_validation_data():
+    x, y = helpers.example1_data(16)
+    trainer = Trainer(helpers.example1(), loss=LOSSES)
+    bad = (x, {"regression_output": y["regression_output"], "classes": y["classification_output"]})
+    message = "validation data: loss 'classification_output' reads target 'classification_output'"
+    _fails_before_update(trainer, MissingKeyError, message, (x, y), validation_data=bad)
+    nan = (x, {key: np.full_like(value, np.nan) for key, value in y.items()})
+    with pytest.warns(RuntimeWarning, match=r"validation data gave non-finite values at epoch 1: val_loss=nan"):
+        trainer.fit((x, y), validation_data=nan, progress=False)

@@ -347,3 +347,19 @@ def test_seeded_runs_are_identical():
         return model.get_weights()
 
     assert all(np.array_equal(a, b) for a, b in zip(run(), run(), strict=True))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbled"])
+def test_a_missing_or_garbled_index_warns_and_resumes_from_the_files_present(damage, tmp_path):
+    reference = _model()
+    _, ref_history = _fit(reference, tmp_path / "ref", checkpoint_every=4)
+    model = _model()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(model, tmp_path / "run", crash_at=14, checkpoint_every=4)  # ckpt-4, 8, 12 on disk
+    index = tmp_path / "run" / "checkpoint"
+    index.unlink() if damage == "deleted" else index.write_text("garbage{{{")
+    resumed = _model(seed=1)
+    with pytest.warns(RuntimeWarning, match=r"checkpoint is missing or unreadable; .* ckpt-12, ckpt-8, ckpt-4"):
+        _, history = _fit(resumed, tmp_path / "run", checkpoint_every=4)
+    assert history.history == ref_history.history
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))

@@ -164,11 +164,22 @@ class Checkpointer:
     # -- reading --------------------------------------------------------------------------------------------------
 
     def candidates(self) -> list[str]:
-        """Checkpoints named by the index, newest first (never found by globbing: a half-written one is not named)."""
-        if not (self.directory / "checkpoint").exists():
-            return []
-        state = tf.train.get_checkpoint_state(str(self.directory))
-        return list(reversed(state.all_model_checkpoint_paths)) if state else []
+        """Checkpoints named by the index, newest first (a half-written one is never named there). Without a
+        readable index, the complete ``ckpt-N`` files present (their ``.index`` is written last), with a warning."""
+        state = tf.train.get_checkpoint_state(str(self.directory)) if self.directory.is_dir() else None
+        if state is not None:
+            return list(reversed(state.all_model_checkpoint_paths))
+        pattern = self.directory.glob("ckpt-*.index")
+        numbered = [(int(n), p) for p in pattern if (n := p.stem.rsplit("-", 1)[1]).isdigit()]
+        paths = [str(p.with_suffix("")) for _, p in sorted(numbered, reverse=True)]
+        if paths:
+            warnings.warn(
+                f"{self.directory / 'checkpoint'} is missing or unreadable; resuming from the checkpoint files found "
+                f"there, newest first: {', '.join(Path(p).name for p in paths)}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return paths
 
     def close(self) -> None:
         """Remove a non-chief worker's temporary directory."""

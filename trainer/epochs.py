@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -237,9 +239,17 @@ class Validation:
     def due(self, epoch: int) -> bool:
         return validation_due(epoch, self.freq)
 
-    def evaluate(self, runner: BlockRunner, callbacks: CallbackList) -> dict[str, float]:
+    def evaluate(self, runner: BlockRunner, callbacks: CallbackList, epoch: int) -> dict[str, float]:
+        """The validation logs; a non-finite value is a warning naming its key (it updates no weight)."""
         steps, exact = eval_budget(self.data, self.steps)
-        return runner.evaluate(self.data.dataset(), steps, callbacks, exact=exact)
+        logs = runner.evaluate(self.data.dataset(), steps, callbacks, exact=exact)
+        bad = [key for key, value in logs.items() if not math.isfinite(value)]
+        if bad:
+            shown = ", ".join(f"val_{key}={logs[key]}" for key in bad)
+            warnings.warn(
+                f"validation data gave non-finite values at epoch {epoch + 1}: {shown}.", RuntimeWarning, stacklevel=3
+            )
+        return logs
 
 
 class FitLoop(BlockHooks):
@@ -364,7 +374,7 @@ class FitLoop(BlockHooks):
                 self.epochs.run_epoch(epoch, self)
                 logs = runner.logs("train")
                 if self.validation is not None and self.validation.due(epoch):
-                    val = self.validation.evaluate(runner, callbacks)
+                    val = self.validation.evaluate(runner, callbacks, epoch)
                     logs.update({f"val_{key}": value for key, value in val.items()})
                 callbacks.on_epoch_end(epoch, logs)
                 position.next_epoch()

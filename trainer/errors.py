@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from losses import LossProtocolError, ShapeMismatchError
 
@@ -15,6 +16,7 @@ __all__ = [
     "ShapeMismatchError",
     "UserCodeError",
     "describe_tensors",
+    "naming",
 ]
 
 
@@ -87,6 +89,17 @@ class UserCodeError(Exception):
         super().__init__(message + (f"\n{hint}" if hint else ""))
         self.who = who
         self.original = error
+
+
+@contextlib.contextmanager
+def naming(what: str) -> Iterator[None]:
+    """Prefix a missing-key or shape error raised inside with the data it concerns (``validation data: ...``)."""
+    try:
+        yield
+    except MissingKeyError as err:
+        raise MissingKeyError(f"{what}: {err.message}", err.key) from None
+    except ShapeMismatchError as err:
+        raise ShapeMismatchError(f"{what}: {err}") from None
 
 
 # Errors tapeloop raises itself: passed through as they are, never wrapped again.

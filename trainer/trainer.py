@@ -22,7 +22,7 @@ from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
 from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, FitLoop, Validation
-from trainer.errors import DataError, names
+from trainer.errors import DataError, names, naming
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
 from trainer.model import ModelCall
@@ -319,7 +319,7 @@ class Trainer:
             self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
-            with self.strategy.scope():
+            with self.strategy.scope(), naming("validation data"):
                 self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
         runner = self._runner
         checkpointer = None
