@@ -363,3 +363,23 @@ def test_a_missing_or_garbled_index_warns_and_resumes_from_the_files_present(dam
         _, history = _fit(resumed, tmp_path / "run", checkpoint_every=4)
     assert history.history == ref_history.history
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
+
+
+def test_tensorboard_writes_each_step_and_epoch_once_across_a_resume(tmp_path):
+    """TensorBoard every 2 steps, a checkpoint every 8 (= one epoch): a crash at step 14 leaves steps 10 and 12 and
+    epoch 0... on disk after ckpt-8; the resumed run recomputes them and must not write them twice."""
+    from trainer import TensorBoardWriter, WriterCallback
+
+    board = tmp_path / "tb"
+
+    def callbacks():
+        return [WriterCallback(TensorBoardWriter(board, every_n_steps=2))]
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(_model(), tmp_path / "run", callbacks=callbacks, crash_at=14, checkpoint_every=8)
+    _fit(_model(), tmp_path / "run", callbacks=callbacks, checkpoint_every=8)
+    seen = []
+    for path in board.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            seen += [(value.tag, event.step) for value in event.summary.value if value.tag.endswith("/loss")]
+    assert sorted(seen) == sorted([("epoch/loss", e) for e in range(3)] + [("step/loss", s) for s in range(2, 25, 2)])

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 import keras
@@ -180,13 +181,18 @@ class CSVWriter(Writer):
 
 
 class TensorBoardWriter(Writer):
-    """TensorBoard scalars: ``epoch/<key>`` once per epoch, ``step/<key>`` every ``every_n_steps`` steps."""
+    """TensorBoard scalars: ``epoch/<key>`` once per epoch, ``step/<key>`` every ``every_n_steps`` steps.
+
+    A resumed run repeats the steps after its checkpoint; the steps and epochs already in the event files are not
+    written again, so every point appears once.
+    """
 
     def __init__(self, logdir: str | os.PathLike, every_n_steps: int | None = None) -> None:
         self.logdir = os.fspath(logdir)
         self.every = Every(every_n_steps)
         self._writer: Any = None
         self._last_step = 0
+        self._written = {"step": -1, "epoch": -1}  # the last step / epoch already on disk (resume)
 
     def _summary_writer(self) -> Any:
         if self._writer is None:
@@ -194,6 +200,8 @@ class TensorBoardWriter(Writer):
         return self._writer
 
     def _write(self, prefix: str, step: int, scalars: Mapping[str, float]) -> None:
+        if step <= self._written[prefix]:
+            return  # written before the run was interrupted (an exact resume recomputes the same values)
         with self._summary_writer().as_default(step=step):
             for key, value in scalars.items():
                 tf.summary.scalar(f"{prefix}/{key}", value)
@@ -203,6 +211,15 @@ class TensorBoardWriter(Writer):
 
     def resume(self, history: Mapping[str, list[float]], step: int) -> None:
         self._last_step = step
+        for path in sorted(Path(self.logdir).glob("events.out.tfevents.*")):
+            try:
+                for event in tf.compat.v1.train.summary_iterator(str(path)):
+                    for value in event.summary.value:
+                        prefix = value.tag.split("/", 1)[0]
+                        if prefix in self._written:
+                            self._written[prefix] = max(self._written[prefix], event.step)
+            except tf.errors.DataLossError:  # a last record cut short by a kill: what was read before counts
+                continue
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self.every.due(self._last_step, step):
@@ -226,10 +243,12 @@ class WriterCallback(keras.callbacks.Callback):
         super().__init__()
         self.writer = writers[0] if len(writers) == 1 else MultiWriter(writers)
         self._epoch_offset = 0  # global steps before this epoch
-        self._step = 0
+        self._step = 0  # the global step after the last block
+        self._resumed_epoch_steps = 0  # steps of the resumed epoch done before the checkpoint
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        self._epoch_offset = self._step
+        self._epoch_offset = self._step - self._resumed_epoch_steps
+        self._resumed_epoch_steps = 0
         self.writer.begin_epoch(epoch, self.params.get("epochs", epoch + 1), self.params.get("steps"))
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
@@ -243,9 +262,10 @@ class WriterCallback(keras.callbacks.Callback):
         return self.writer.step_periods()
 
     def on_resume(self, history: Mapping[str, list[float]], global_step: int, epoch_steps: int) -> None:
-        """Called by ``fit`` after restoring a checkpoint, before ``on_train_begin``."""
-        self._step = global_step - epoch_steps
-        self.writer.resume(history, self._step)
+        """Called by ``fit`` after restoring a checkpoint, before ``on_train_begin``. A checkpoint taken at an
+        epoch's last step resumes with that epoch complete (``epoch_steps`` = its length, no batch left)."""
+        self._step, self._resumed_epoch_steps = global_step, epoch_steps
+        self.writer.resume(history, global_step - epoch_steps)
 
     def teardown(self) -> None:
         self.writer.close()  # writers' close() is idempotent
