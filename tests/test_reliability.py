@@ -383,3 +383,34 @@ def test_tensorboard_writes_each_step_and_epoch_once_across_a_resume(tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             seen += [(value.tag, event.step) for value in event.summary.value if value.tag.endswith("/loss")]
     assert sorted(seen) == sorted([("epoch/loss", e) for e in range(3)] + [("step/loss", s) for s in range(2, 25, 2)])
+
+
+def test_generator_input_with_checkpoints_warns_saves_and_resumes_by_replaying(tmp_path):
+    """from_generator holds Python state tf.data cannot save: no iterator in the checkpoints (saving one would
+    fail), a warning at the start, and a resume that replays the epoch's batches — still exact."""
+    x, y = _data()
+
+    def generator():
+        yield from zip(x, y["output"])
+
+    def fit(model, directory, crash_at=None):
+        keras.utils.set_random_seed(5)
+        signature = (tf.TensorSpec((5,), tf.float32), tf.TensorSpec((1,), tf.float32))
+        source = tf.data.Dataset.from_generator(generator, output_signature=signature)
+        data = source.map(lambda a, b: (a, {"output": b})).batch(6).apply(tf.data.experimental.assert_cardinality(8))
+        trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, steps_per_execution=2)
+        crash = [helpers.Crash(trainer, crash_at)] if crash_at else []
+        with pytest.warns(RuntimeWarning, match=r"with Python state \(from_generator, py_function"):
+            return trainer.fit(data, epochs=3, progress=False, checkpoint_dir=directory, checkpoint_every=4,
+                               callbacks=crash)  # fmt: skip
+
+    reference = _model()
+    ref_history = fit(reference, tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(_model(), tmp_path / "run", crash_at=14)
+    names = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "run"))).get_variable_to_shape_map()
+    assert not any(name.startswith("iterator") for name in names)
+    resumed = _model(seed=1)
+    history = fit(resumed, tmp_path / "run")
+    assert history.history == ref_history.history
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))

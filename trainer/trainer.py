@@ -21,8 +21,9 @@ from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
-from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, FitLoop, Validation
+from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner
 from trainer.errors import DataError, names, naming
+from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
 from trainer.model import ModelCall
@@ -328,7 +329,8 @@ class Trainer:
             state = self.checkpoint_state()
             checkpointer = Checkpointer(checkpoint_dir, state, every_n_steps=checkpoint_every, chief=chief)
         history = History()
-        epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps)
+        k = self.gradient_accumulation_steps
+        epochs_runner = EpochRunner(runner, data, steps_per_epoch, k, checkpointed=checkpointer is not None)
         if checkpointer is not None and not epochs_runner.exact_at_epoch_ends:
             warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
         level = (1 if progress else 0) if verbose == "auto" else verbose
