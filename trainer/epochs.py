@@ -150,6 +150,7 @@ class EpochRunner:
         data: the training data.
         steps_per_epoch: steps per epoch, or None for one pass over the data.
         batches_per_step: ``gradient_accumulation_steps``.
+        saveable: (a dataset) whether its iterator can be checkpointed (:func:`serializable`).
     """
 
     def __init__(
@@ -159,14 +160,14 @@ class EpochRunner:
         steps_per_epoch: int | None,
         batches_per_step: int,
         *,
-        checkpointed: bool = False,
+        saveable: bool = True,
     ) -> None:
         self.runner = runner
         self.data = data
         self.batches_per_step = batches_per_step
         one_replica = runner.strategy.num_replicas_in_sync == 1
-        # Checkpoints hold a dataset's iterator when it can be saved (one replica, no Python state inside).
-        self.saves_iterator = data.is_dataset and one_replica and (not checkpointed or serializable(data.dataset()))
+        # Checkpoints hold a dataset's iterator when it can be saved: one replica, no Python state inside.
+        self.saves_iterator = data.is_dataset and one_replica and saveable
         repeat = self.saves_iterator and data.steps is not None
         whole_steps = data.steps is not None and data.steps % batches_per_step == 0  # no short group at the end
         if steps_per_epoch is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
-from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner
+from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
 from trainer.errors import DataError, names, naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
@@ -118,6 +119,7 @@ class Trainer:
         self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._names: list[str] | None = None  # the model's output names, once known
+        self._saveables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> iterator saveable
         self._predictor: Predictor | None = None
 
     # -- public state ---------------------------------------------------------------------------------------------
@@ -152,9 +154,7 @@ class Trainer:
     def trace_counts(self) -> dict[str, int]:
         """How often each compiled function was traced (``train``, ``eval``, ``predict``)."""
         counts = dict(self._runner.steps.traces) if self._runner else {}
-        if self._predictor is not None:
-            counts["predict"] = self._predictor.traces
-        return counts
+        return counts if self._predictor is None else {**counts, "predict": self._predictor.traces}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything a resumable checkpoint holds of this Trainer, by name (see ``trainer/checkpoints.py``).
@@ -260,8 +260,7 @@ class Trainer:
     ) -> History:
         """Train until epoch ``epochs``; return a ``History`` whose ``history`` is ``{key: [value per epoch]}``.
 
-        The arguments up to ``validation_freq`` are ``Model.fit``'s, with Keras' meanings (README, "Coming from
-        Keras").
+        Arguments up to ``validation_freq`` are ``Model.fit``'s, with Keras' meanings (README: Coming from Keras).
 
         Args:
             x: numpy inputs with ``y``; or, with ``y=None``, ``(inputs, {name: target})`` or a ``tf.data.Dataset``
@@ -276,16 +275,12 @@ class Trainer:
                 finite data). Required for an infinite dataset.
             callbacks: Keras callbacks (EarlyStopping, LearningRateScheduler, ...) and ``WriterCallback``s.
             progress: show progress (a bar on a terminal, a line per epoch otherwise) when ``verbose="auto"``.
-            checkpoint_dir: write resumable checkpoints here (the last 3 are kept) and resume from the latest
-                readable one at the start; SIGTERM/SIGINT then end the block, write one and raise
-                ``TrainingInterrupted``.
-            checkpoint_every: (with ``checkpoint_dir``) a checkpoint every this many steps; one is always written
-                at the end of training.
+            checkpoint_dir: resumable checkpoints (the last 3 kept; resume from the latest readable one); SIGTERM
+                and SIGINT then end the block, write one and raise ``TrainingInterrupted``.
+            checkpoint_every: a checkpoint every this many steps; one is always written at the end.
 
         Raises:
-            DataError: empty data, wrong structure, arrays of different lengths.
-            MissingKeyError: a loss or metric reads an output or target that does not exist.
-            ShapeMismatchError: an output and its target cannot be compared.
+            DataError, MissingKeyError, ShapeMismatchError: bad data or structure (the message names it).
             UserCodeError: a loss, metric or the model raised on the first batch (or while tracing).
             NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
             TrainingInterrupted: SIGTERM/SIGINT arrived (with ``checkpoint_dir``); the run can be resumed.
@@ -323,14 +318,13 @@ class Trainer:
             with self.strategy.scope(), naming("validation data"):
                 self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
         runner = self._runner
-        checkpointer = None
+        checkpointer = None  # multi-worker: only the chief writes into checkpoint_dir
         if checkpoint_dir is not None:
-            chief = is_chief(self.strategy)  # multi-worker: only the chief writes into checkpoint_dir
-            state = self.checkpoint_state()
-            checkpointer = Checkpointer(checkpoint_dir, state, every_n_steps=checkpoint_every, chief=chief)
+            chief, every = is_chief(self.strategy), checkpoint_every
+            checkpointer = Checkpointer(checkpoint_dir, self.checkpoint_state(), every_n_steps=every, chief=chief)
         history = History()
-        k = self.gradient_accumulation_steps
-        epochs_runner = EpochRunner(runner, data, steps_per_epoch, k, checkpointed=checkpointer is not None)
+        saveable = not data.is_dataset or self._saveable(data.dataset())
+        epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps, saveable=saveable)
         if checkpointer is not None and not epochs_runner.exact_at_epoch_ends:
             warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
         level = (1 if progress else 0) if verbose == "auto" else verbose
@@ -348,6 +342,13 @@ class Trainer:
             callbacks.teardown()
             loop.close()
         return history
+
+    def _saveable(self, dataset: tf.data.Dataset) -> bool:
+        """Can its iterators be checkpointed? Probed once per dataset, checkpointing or not (the probe makes an
+        iterator: a reshuffling dataset must see the same orders either way)."""
+        if dataset not in self._saveables:
+            self._saveables[dataset] = serializable(dataset)
+        return self._saveables[dataset]
 
     def _output_names(self, inputs: Any) -> list[str]:
         """The model's output names, from one eager forward pass that changes no state (cached)."""
@@ -383,10 +384,8 @@ class Trainer:
         model = callback_model(self.model, self.optimizer) if callbacks else None
         listed = CallbackList(callbacks, model=model, params={"steps": budget})
         logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
-        if return_dict:
-            return logs
-        values = list(logs.values())
-        return values[0] if len(values) == 1 else values
+        values = list(logs.values())  # Keras' list: a single value alone
+        return logs if return_dict else values[0] if len(values) == 1 else values
 
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Outputs for every example, ``{output name: array}``, batches concatenated in order.
