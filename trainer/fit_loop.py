@@ -111,11 +111,11 @@ class FitLoop(BlockHooks):
             meta = {
                 "global_step": step,
                 "position": dataclasses.asdict(self.epochs.position),
+                "history": self.history.history,
                 "callbacks": callback_states(self.callbacks.callbacks),
             }
             iterator = self.epochs.saved_iterator()
-            extra = {} if iterator is None else {ITERATOR: iterator}
-            self.checkpointer.save(step, {**meta, "history": self.history.history}, extra)
+            self.checkpointer.save(step, meta, {} if iterator is None else {ITERATOR: iterator})
             self._saved_step = step
         return self.checkpointer.last_saved
 
