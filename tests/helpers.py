@@ -94,3 +94,17 @@ class Crash(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.trainer.global_step >= self.step:
             raise RuntimeError("simulated crash")
+
+
+def small_model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
+    """The seed fixes the initial weights and the dropout layer's own RNG seed."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((5,))
+    hidden = keras.layers.Dropout(dropout)(keras.layers.Dense(8, activation="relu")(inp))
+    return keras.Model(inp, keras.layers.Dense(1, name="y")(hidden))
+
+
+def small_data(n: int = 44):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    return x, {"output": x[:, :1] * 2 - x[:, 1:2]}

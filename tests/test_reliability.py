@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import LossProtocolError, NonFiniteLossError, Trainer
+from trainer import Trainer
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -111,26 +111,12 @@ def test_killed_during_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_p
     assert history == reference_history
 
 
-def _model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
-    """The seed fixes the initial weights and the dropout layer's own RNG seed."""
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((5,))
-    hidden = keras.layers.Dropout(dropout)(keras.layers.Dense(8, activation="relu")(inp))
-    return keras.Model(inp, keras.layers.Dense(1, name="y")(hidden))
-
-
-def _data(n: int = 44):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(n, 5)).astype("float32")
-    return x, {"output": x[:, :1] * 2 - x[:, 1:2]}
-
-
 def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_seed=5, callbacks=(), **kwargs):
     keras.utils.set_random_seed(global_seed)
     trainer = Trainer(
         model, optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, steps_per_execution=2, seed=9
     )
-    x, y = _data()
+    x, y = helpers.small_data()
     train = (x, y)
     if dataset:
         shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2, reshuffle_each_iteration=False)
@@ -146,15 +132,15 @@ def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_see
 @pytest.mark.parametrize("dataset", [False, True], ids=["numpy", "tf.data"])
 def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
     """Numpy input: shuffle seed + position; a tf.data dataset (shuffle buffer, cache): its iterator's state."""
-    reference = _model()
+    reference = helpers.small_model()
     _, ref_history = _fit(reference, tmp_path / "ref", dataset=dataset, checkpoint_every=4)
-    model = _model()
+    model = helpers.small_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", crash_at=14, dataset=dataset, checkpoint_every=4)  # 8 steps per epoch
     # Other weights and dropout seed: everything must come from the checkpoint (ckpt-12: mid-epoch 2). Numpy input
     # is shuffled from (seed, epoch) alone: even TensorFlow's global seed may differ. A tf.data shuffle's order
     # depends on the global seed, so that run resumes with the same one (as a rerun with the same --seed does).
-    resumed = _model(seed=1)
+    resumed = helpers.small_model(seed=1)
     global_seed = 5 if dataset else 6
     trainer, history = _fit(resumed, tmp_path / "run", dataset=dataset, checkpoint_every=4, global_seed=global_seed)
     assert trainer.global_step == 24
@@ -173,13 +159,13 @@ def test_early_stopping_and_reduce_lr_on_plateau_resume_with_their_state(tmp_pat
             keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=1, min_delta=10.0, factor=0.5, cooldown=1),
         ]
 
-    reference = _model()
+    reference = helpers.small_model()
     _, ref_history = _fit(reference, tmp_path / "ref", epochs=6, callbacks=callbacks, checkpoint_every=4)
     assert len(ref_history.history["loss"]) == 3  # stopped after epoch 2 (0-based)
-    model = _model()
+    model = helpers.small_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", epochs=6, callbacks=callbacks, crash_at=19, checkpoint_every=4)
-    resumed = _model(seed=1)
+    resumed = helpers.small_model(seed=1)
     _, history = _fit(resumed, tmp_path / "run", epochs=6, callbacks=callbacks, checkpoint_every=4)
     assert history.history == ref_history.history and history.history["lr"][-1] == pytest.approx(0.01)
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
@@ -206,30 +192,32 @@ class Counting(keras.callbacks.Callback):
 def test_a_users_callback_gets_its_state_back_through_state_dict(tmp_path):
     counting = Counting()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(_model(), tmp_path, callbacks=lambda: [counting], crash_at=19, checkpoint_every=4)  # in epoch 2
+        _fit(
+            helpers.small_model(), tmp_path, callbacks=lambda: [counting], crash_at=19, checkpoint_every=4
+        )  # in epoch 2
     assert counting.epochs_seen == 2
     resumed = Counting()
-    _, history = _fit(_model(), tmp_path, callbacks=lambda: [resumed], checkpoint_every=4)
+    _, history = _fit(helpers.small_model(), tmp_path, callbacks=lambda: [resumed], checkpoint_every=4)
     assert resumed.epochs_seen == 3
     np.testing.assert_allclose(resumed.last, np.full(3, sum(history.history["loss"])), rtol=1e-6)
 
 
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):
-    model = _model()
+    model = helpers.small_model()
     trainer, _ = _fit(model, tmp_path, epochs=2)
     assert trainer.global_step == 16
-    again = _model(seed=1)
+    again = helpers.small_model(seed=1)
     trainer, history = _fit(again, tmp_path, epochs=2)  # nothing left to do
     assert trainer.global_step == 16 and len(history.history["loss"]) == 2
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), model.get_weights(), strict=True))
-    trainer, history = _fit(_model(), tmp_path, epochs=3)  # one more epoch
+    trainer, history = _fit(helpers.small_model(), tmp_path, epochs=3)  # one more epoch
     assert trainer.global_step == 24 and len(history.history["loss"]) == 3
 
 
 def test_damaged_latest_checkpoint_warns_and_falls_back(tmp_path):
-    reference = _model()
+    reference = helpers.small_model()
     _fit(reference, tmp_path / "ref", checkpoint_every=4)
-    model = _model()
+    model = helpers.small_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", crash_at=13, checkpoint_every=4)  # checkpoints 4, 8, 12
     latest = tf.train.latest_checkpoint(str(tmp_path / "run"))
@@ -238,7 +226,7 @@ def test_damaged_latest_checkpoint_warns_and_falls_back(tmp_path):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
     (tmp_path / "run" / "ckpt-16_temp").mkdir()  # what a kill during a save leaves behind
     (tmp_path / "run" / "ckpt-16_temp" / "part").write_bytes(b"\0" * 10)
-    resumed = _model(seed=1)
+    resumed = helpers.small_model(seed=1)
     with pytest.warns(RuntimeWarning, match=r"ckpt-12 could not be restored .* falling back"):
         _fit(resumed, tmp_path / "run", checkpoint_every=4)
     assert not (tmp_path / "run" / "ckpt-16_temp").exists()
@@ -246,119 +234,32 @@ def test_damaged_latest_checkpoint_warns_and_falls_back(tmp_path):
 
 
 def test_no_readable_checkpoint_is_an_error_naming_them(tmp_path):
-    _fit(_model(), tmp_path, epochs=1)
+    _fit(helpers.small_model(), tmp_path, epochs=1)
     for data in tmp_path.glob("*.data-*"):
         data.write_bytes(b"garbage")
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"No checkpoint in .* could be restored"):
-        _fit(_model(), tmp_path, epochs=2)
+        _fit(helpers.small_model(), tmp_path, epochs=2)
 
 
 def test_checkpoint_every_needs_a_directory():
-    trainer = Trainer(_model(), loss={"output": "mse"})
+    trainer = Trainer(helpers.small_model(), loss={"output": "mse"})
     with pytest.raises(ValueError, match="`checkpoint_every` needs `checkpoint_dir`"):
-        trainer.fit(_data(), batch_size=4, checkpoint_every=3, progress=False)
+        trainer.fit(helpers.small_data(), batch_size=4, checkpoint_every=3, progress=False)
 
 
 # -- nan_policy ---------------------------------------------------------------------------------------------------
 
 
-def _poisoned(bad_batches: set[int], batch: int = 4, n: int = 32):
-    """Targets with NaN in the given batches (NaN in the data shows as a non-finite loss at that step)."""
-    x, y = _data(n)
-    y = {"output": y["output"].copy()}
-    for b in bad_batches:
-        y["output"][b * batch] = np.nan
-    return x, y
-
-
-def test_skip_policy_skips_bad_steps_exactly_and_logs_them():
-    """Skipping batches 2 and 5 equals training with SGD on the other batches only."""
-    x, y = _poisoned({2, 5})
-    model = _model(dropout=0.0)  # a skipped step still draws dropout masks: no dropout, to compare exactly
-    clean = helpers.clone(model)
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, nan_policy="skip")
-    history = trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
-    assert history.history["skipped_steps"] == [2.0] and trainer.global_step == 8
-    assert trainer.optimizer.iterations.numpy() == 6
-    keep = np.concatenate([np.arange(b * 4, b * 4 + 4) for b in range(8) if b not in {2, 5}])
-    ref = Trainer(clean, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, steps_per_execution=1)
-    ref_history = ref.fit((x[keep], {"output": y["output"][keep]}), batch_size=4, shuffle=False, progress=False)
-    for a, b in zip(model.get_weights(), clean.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert history.history["loss"][0] == pytest.approx(ref_history.history["loss"][0], rel=1e-5)  # bad steps untracked
-
-
-def test_skip_policy_raises_after_too_many_consecutive_skips():
-    x, y = _poisoned({1, 2, 3, 4})
-    model = _model()
-    trainer = Trainer(model, loss={"output": "mse"}, nan_policy="skip", max_consecutive_skips=3)
-    with pytest.raises(NonFiniteLossError, match=r"4 consecutive non-finite training steps, up to step 5") as info:
-        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
-    assert info.value.keys == ["loss", "output"]
-    assert trainer.optimizer.iterations.numpy() == 1
-
-
-def test_nan_in_targets_raises_by_default_naming_component_and_step():
-    x, y = _poisoned({3})
-    model = _model()
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"})
-    with pytest.raises(NonFiniteLossError, match="Non-finite loss at training step 4: loss=nan, output=nan"):
-        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
-    assert trainer.optimizer.iterations.numpy() == 3
-
-
-def test_unknown_nan_policy_is_rejected():
-    with pytest.raises(ValueError, match="`nan_policy` must be one of 'raise', 'skip'; got 'ignore'"):
-        Trainer(_model(), loss={"output": "mse"}, nan_policy="ignore")
-
-
-# -- hostile loss returns -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        (lambda o: None, "loss 'bad' returned None"),
-        (lambda o: o["output"], r"loss 'bad' returned shape \(4, 1\)"),
-        (lambda o: tf.constant(3), "loss 'bad' returned a int32 tensor"),
-        (lambda o: {"a": {"b": tf.reduce_mean(o["output"])}}, "loss 'bad' .*returned a nested dict"),
-        (lambda o: {}, "loss 'bad' returned an empty dict"),
-        (lambda o: {1: tf.reduce_mean(o["output"])}, r"loss 'bad' returned component keys \[1\]"),
-        (lambda o: "0.5", "loss 'bad' returned a string tensor"),
-    ],
-    ids=["None", "non-scalar", "int", "nested", "empty", "int-key", "str"],
-)
-def test_hostile_loss_returns_are_named_before_any_update(value, message):
-    model = _model()
-    before = [w.copy() for w in model.get_weights()]
-    trainer = Trainer(model, loss={"output": "mse", "bad": lambda outputs, targets: value(outputs)})
-    with pytest.raises(LossProtocolError, match=message):
-        trainer.fit(_data(8), batch_size=4, progress=False)
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))
-
-
-def test_seeded_runs_are_identical():
-    """keras.utils.set_random_seed (what --seed does) fixes initial weights, dropout and shuffling."""
-
-    def run():
-        keras.utils.set_random_seed(11)
-        model = _model()
-        Trainer(model, loss={"output": "mse"}, seed=11).fit(_data(), batch_size=8, epochs=2, progress=False)
-        return model.get_weights()
-
-    assert all(np.array_equal(a, b) for a, b in zip(run(), run(), strict=True))
-
-
 @pytest.mark.parametrize("damage", ["deleted", "garbled"])
 def test_a_missing_or_garbled_index_warns_and_resumes_from_the_files_present(damage, tmp_path):
-    reference = _model()
+    reference = helpers.small_model()
     _, ref_history = _fit(reference, tmp_path / "ref", checkpoint_every=4)
-    model = _model()
+    model = helpers.small_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, tmp_path / "run", crash_at=14, checkpoint_every=4)  # ckpt-4, 8, 12 on disk
     index = tmp_path / "run" / "checkpoint"
     index.unlink() if damage == "deleted" else index.write_text("garbage{{{")
-    resumed = _model(seed=1)
+    resumed = helpers.small_model(seed=1)
     with pytest.warns(RuntimeWarning, match=r"checkpoint is missing or unreadable; .* ckpt-12, ckpt-8, ckpt-4"):
         _, history = _fit(resumed, tmp_path / "run", checkpoint_every=4)
     assert history.history == ref_history.history
@@ -376,8 +277,8 @@ def test_tensorboard_writes_each_step_and_epoch_once_across_a_resume(tmp_path):
         return [WriterCallback(TensorBoardWriter(board, every_n_steps=2))]
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(_model(), tmp_path / "run", callbacks=callbacks, crash_at=14, checkpoint_every=8)
-    _fit(_model(), tmp_path / "run", callbacks=callbacks, checkpoint_every=8)
+        _fit(helpers.small_model(), tmp_path / "run", callbacks=callbacks, crash_at=14, checkpoint_every=8)
+    _fit(helpers.small_model(), tmp_path / "run", callbacks=callbacks, checkpoint_every=8)
     seen = []
     for path in board.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -388,7 +289,7 @@ def test_tensorboard_writes_each_step_and_epoch_once_across_a_resume(tmp_path):
 def test_generator_input_with_checkpoints_warns_saves_and_resumes_by_replaying(tmp_path):
     """from_generator holds Python state tf.data cannot save: no iterator in the checkpoints (saving one would
     fail), a warning at the start, and a resume that replays the epoch's batches — still exact."""
-    x, y = _data()
+    x, y = helpers.small_data()
 
     def generator():
         yield from zip(x, y["output"])
@@ -404,13 +305,13 @@ def test_generator_input_with_checkpoints_warns_saves_and_resumes_by_replaying(t
             return trainer.fit(data, epochs=3, progress=False, checkpoint_dir=directory, checkpoint_every=4,
                                callbacks=crash)  # fmt: skip
 
-    reference = _model()
+    reference = helpers.small_model()
     ref_history = fit(reference, tmp_path / "ref")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(_model(), tmp_path / "run", crash_at=14)
+        fit(helpers.small_model(), tmp_path / "run", crash_at=14)
     names = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "run"))).get_variable_to_shape_map()
     assert not any(name.startswith("iterator") for name in names)
-    resumed = _model(seed=1)
+    resumed = helpers.small_model(seed=1)
     history = fit(resumed, tmp_path / "run")
     assert history.history == ref_history.history
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))

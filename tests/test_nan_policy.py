@@ -1,0 +1,100 @@
+"""nan_policy, hostile loss returns and seeded determinism: non-finite steps skipped or named, never applied."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from trainer import LossProtocolError, NonFiniteLossError, Trainer
+
+
+def _poisoned(bad_batches: set[int], batch: int = 4, n: int = 32):
+    """Targets with NaN in the given batches (NaN in the data shows as a non-finite loss at that step)."""
+    x, y = helpers.small_data(n)
+    y = {"output": y["output"].copy()}
+    for b in bad_batches:
+        y["output"][b * batch] = np.nan
+    return x, y
+
+
+def test_skip_policy_skips_bad_steps_exactly_and_logs_them():
+    """Skipping batches 2 and 5 equals training with SGD on the other batches only."""
+    x, y = _poisoned({2, 5})
+    model = helpers.small_model(dropout=0.0)  # a skipped step still draws dropout masks: no dropout, to compare exactly
+    clean = helpers.clone(model)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, nan_policy="skip")
+    history = trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert history.history["skipped_steps"] == [2.0] and trainer.global_step == 8
+    assert trainer.optimizer.iterations.numpy() == 6
+    keep = np.concatenate([np.arange(b * 4, b * 4 + 4) for b in range(8) if b not in {2, 5}])
+    ref = Trainer(clean, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, steps_per_execution=1)
+    ref_history = ref.fit((x[keep], {"output": y["output"][keep]}), batch_size=4, shuffle=False, progress=False)
+    for a, b in zip(model.get_weights(), clean.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert history.history["loss"][0] == pytest.approx(ref_history.history["loss"][0], rel=1e-5)  # bad steps untracked
+
+
+def test_skip_policy_raises_after_too_many_consecutive_skips():
+    x, y = _poisoned({1, 2, 3, 4})
+    model = helpers.small_model()
+    trainer = Trainer(model, loss={"output": "mse"}, nan_policy="skip", max_consecutive_skips=3)
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive non-finite training steps, up to step 5") as info:
+        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert info.value.keys == ["loss", "output"]
+    assert trainer.optimizer.iterations.numpy() == 1
+
+
+def test_nan_in_targets_raises_by_default_naming_component_and_step():
+    x, y = _poisoned({3})
+    model = helpers.small_model()
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"})
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at training step 4: loss=nan, output=nan"):
+        trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+    assert trainer.optimizer.iterations.numpy() == 3
+
+
+def test_unknown_nan_policy_is_rejected():
+    with pytest.raises(ValueError, match="`nan_policy` must be one of 'raise', 'skip'; got 'ignore'"):
+        Trainer(helpers.small_model(), loss={"output": "mse"}, nan_policy="ignore")
+
+
+# -- hostile loss returns -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (lambda o: None, "loss 'bad' returned None"),
+        (lambda o: o["output"], r"loss 'bad' returned shape \(4, 1\)"),
+        (lambda o: tf.constant(3), "loss 'bad' returned a int32 tensor"),
+        (lambda o: {"a": {"b": tf.reduce_mean(o["output"])}}, "loss 'bad' .*returned a nested dict"),
+        (lambda o: {}, "loss 'bad' returned an empty dict"),
+        (lambda o: {1: tf.reduce_mean(o["output"])}, r"loss 'bad' returned component keys \[1\]"),
+        (lambda o: "0.5", "loss 'bad' returned a string tensor"),
+    ],
+    ids=["None", "non-scalar", "int", "nested", "empty", "int-key", "str"],
+)
+def test_hostile_loss_returns_are_named_before_any_update(value, message):
+    model = helpers.small_model()
+    before = [w.copy() for w in model.get_weights()]
+    trainer = Trainer(model, loss={"output": "mse", "bad": lambda outputs, targets: value(outputs)})
+    with pytest.raises(LossProtocolError, match=message):
+        trainer.fit(helpers.small_data(8), batch_size=4, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before, strict=True))
+
+
+def test_seeded_runs_are_identical():
+    """keras.utils.set_random_seed (what --seed does) fixes initial weights, dropout and shuffling."""
+
+    def run():
+        keras.utils.set_random_seed(11)
+        model = helpers.small_model()
+        Trainer(model, loss={"output": "mse"}, seed=11).fit(
+            helpers.small_data(), batch_size=8, epochs=2, progress=False
+        )
+        return model.get_weights()
+
+    assert all(np.array_equal(a, b) for a, b in zip(run(), run(), strict=True))
