@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +116,47 @@ def test_sigterm_to_two_workers_stops_them_at_one_step_and_a_rerun_resumes_exact
     expected, got = _history(one / "history.csv"), _history(both / "history.csv")
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
+    """A signal reaching one worker only (mid-block, as a preemption notice does) stops every worker at one step:
+    the request travels in the next block's all-reduce, so no worker is left waiting in a collective."""
+    task = tmp_path / "task.py"
+    task.write_text(USER_TASK + SLOW)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from launch_workers import free_ports
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    flags = ["--task", str(task), "--batch-size", "16", "--no-progress", "--checkpoint-every", "2", "--epochs", "3"]
+    workers = []
+    try:
+        for index in range(2):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": config}
+            command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--strategy", "multiworker", *flags,
+                       "--logdir", str(tmp_path / "run")]  # fmt: skip
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+            workers.append(subprocess.Popen(command, env=env, **pipes))
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "checkpoints" / "checkpoint").exists():  # the chief's first checkpoint: step 2
+            assert workers[0].poll() is None and time.monotonic() < deadline, workers[0].communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(0.1)  # into the next block
+        workers[1].send_signal(signal.SIGTERM)
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait()
+    steps = []
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 128 + signal.SIGTERM, err[-3000:]
+        found = re.search(r"Training stopped by SIGTERM after step (\d+)", out)
+        assert found, (out[-2000:], err[-3000:])
+        steps.append(int(found.group(1)))
+    assert steps[0] == steps[1] < 15, steps
+    latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    assert latest.endswith(f"ckpt-{steps[0]}")

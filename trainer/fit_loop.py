@@ -93,7 +93,8 @@ class FitLoop(BlockHooks):
         if self.checkpointer is not None and self.checkpointer.every.due(step - info.ran, step):
             self._save()
         self.stop_agreed = self.stop_agreed or info.stopped
-        self._check_preemption()
+        # Under multi-worker a signal that arrived during this block stops every worker in the next one (agreed).
+        self._check_preemption(local=not self.runner.multi_worker)
 
     def stop_requested(self) -> bool:
         return self.preemption is not None and self.preemption.signum is not None
