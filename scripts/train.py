@@ -271,11 +271,17 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
     ]
     if args.no_progress:
         writers.append(ProgressWriter(sys.stdout, bar=False))
+
+    def batch_size(data):  # --batch-size batches NumPy task data; a tf.data dataset comes batched by build()
+        return None if isinstance(data, tf.data.Dataset) else args.batch_size
+
     try:
         history = trainer.fit(
             task.train,
+            batch_size=batch_size(task.train),
             epochs=epochs,
             validation_data=task.validation,
+            validation_batch_size=batch_size(task.validation),
             callbacks=[WriterCallback(*writers)],
             progress=not args.no_progress,
             checkpoint_dir=logdir / "checkpoints",  # the Trainer lets only the chief write there
@@ -289,7 +295,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         print(f"\n{stop}\nTo resume, run the same command with the same --logdir:\n  {command}", flush=True)
         raise SystemExit(128 + stop.signum) from None
     if task.validation is not None:
-        results = trainer.evaluate(task.validation)
+        results = trainer.evaluate(task.validation, batch_size=batch_size(task.validation))
     else:
         results = {k: v[-1] for k, v in history.history.items()}
     if task.evaluate_extra is not None:

@@ -113,9 +113,9 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
     x = np.ones((2, 3), "float32")
     final = restored(x)["y"].numpy()
     # 5 steps per epoch (70 / 16), blocks of up to 3 cut to end on multiples of 4 (and of TensorBoard's 50):
-    # checkpoints at exactly 4, 8, 12 and at the end (15); the last 3 are kept
+    # checkpoints at exactly 4, 8, 12 and at each epoch's end (5, 10, 15); the last 3 are kept
     index = tf.train.get_checkpoint_state(str(logdir / "checkpoints"))
-    assert [Path(p).name for p in index.all_model_checkpoint_paths] == ["ckpt-8", "ckpt-12", "ckpt-15"]
+    assert [Path(p).name for p in index.all_model_checkpoint_paths] == ["ckpt-10", "ckpt-12", "ckpt-15"]
     twin = user.model()
     tf.train.Checkpoint(model=twin).restore(index.model_checkpoint_path).expect_partial()
     np.testing.assert_array_equal(twin(x)["y"].numpy(), final)

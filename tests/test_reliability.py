@@ -315,3 +315,58 @@ def test_generator_input_with_checkpoints_warns_saves_and_resumes_by_replaying(t
     history = fit(resumed, tmp_path / "run")
     assert history.history == ref_history.history
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
+
+
+def _reshuffling_fit(model, directory, callbacks=(), epochs=3):
+    """A tf.data pipeline reshuffled every epoch (the default), a validation set, a checkpoint at each epoch's end."""
+    keras.utils.set_random_seed(5)
+    x, y = helpers.small_data()
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2).batch(6)
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, steps_per_execution=2)
+    callbacks = [cb(trainer) for cb in callbacks]
+    validation = (x[:12], {"output": y["output"][:12]})
+    fit = {"validation_data": validation, "progress": False, "checkpoint_dir": directory, "callbacks": callbacks}
+    return trainer.fit(train, epochs=epochs, **fit)
+
+
+def test_a_fallback_to_an_epoch_boundary_checkpoint_resumes_a_reshuffling_dataset_exactly(tmp_path):
+    reference = helpers.small_model()
+    ref_history = _reshuffling_fit(reference, tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _reshuffling_fit(helpers.small_model(), tmp_path / "run", [lambda t: helpers.Crash(t, 20)])  # in epoch 3
+    assert tf.train.get_checkpoint_state(str(tmp_path / "run")).all_model_checkpoint_paths[-2:] == [
+        str(tmp_path / "run" / "ckpt-8"), str(tmp_path / "run" / "ckpt-16")]  # fmt: skip
+    data = tmp_path / "run" / "ckpt-16.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    resumed = helpers.small_model(seed=1)
+    with pytest.warns(RuntimeWarning, match=r"ckpt-16 could not be restored .* falling back"):
+        history = _reshuffling_fit(resumed, tmp_path / "run")  # from ckpt-8: the end of epoch 1
+    assert history.history == ref_history.history
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
+
+
+class TermDuringValidation(keras.callbacks.Callback):
+    """SIGTERM to this process once, during the first epoch's validation."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.sent = False
+
+    def on_test_batch_end(self, batch, logs=None):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_finishes_the_epoch_saves_and_resumes_exactly(tmp_path):
+    from trainer import TrainingInterrupted
+
+    reference = helpers.small_model()
+    ref_history = _reshuffling_fit(reference, tmp_path / "ref")
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after step 8") as stopped:
+        _reshuffling_fit(helpers.small_model(), tmp_path / "run", [TermDuringValidation])
+    assert stopped.value.checkpoint == str(tmp_path / "run" / "ckpt-8")
+    resumed = helpers.small_model(seed=1)
+    history = _reshuffling_fit(resumed, tmp_path / "run")
+    assert history.history == ref_history.history  # epoch 1's row (its validation included) was kept, not redone
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))

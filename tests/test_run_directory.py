@@ -1,7 +1,9 @@
 """The run directory as people use it: resume at epoch boundaries, reruns, kills — the CLI run as a user runs it."""
 
+import contextlib
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,8 +80,8 @@ def test_readme_template_5_epochs_then_resumed_to_8_is_one_8_epoch_run(tmp_path)
 
 
 def test_sigkill_after_an_epoch_boundary_checkpoint_then_rerun_is_bit_identical(tmp_path):
-    """digits: 45 steps an epoch, a checkpoint every 45 steps, so every checkpoint is at an epoch's end."""
-    base = ["--task", "digits", "--epochs", "10", "--checkpoint-every", "45"]
+    """digits: 45 steps an epoch; by default a checkpoint at every epoch's end (and none in between)."""
+    base = ["--task", "digits", "--epochs", "10"]
     _cli(*base, "--logdir", str(tmp_path / "straight"))
     run = tmp_path / "killed"
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--no-progress", *base, "--logdir", str(run)]
@@ -100,6 +102,8 @@ def test_sigkill_after_an_epoch_boundary_checkpoint_then_rerun_is_bit_identical(
         process.stderr.close()
     latest = tf.train.get_checkpoint_state(str(run / "checkpoints")).model_checkpoint_path
     assert int(latest.rsplit("-", 1)[1]) % 45 == 0 and int(latest.rsplit("-", 1)[1]) < 450  # killed at a boundary
+    # The built-in tasks give NumPy data: the checkpoint holds its position, no tf.data iterator (shuffle buffer).
+    assert [name for name, _ in tf.train.list_variables(latest) if name.startswith("iterator")] == []
     _cli(*base, "--logdir", str(run))
     _assert_same_run(run, tmp_path / "straight")
 
@@ -165,3 +169,56 @@ def test_a_second_process_on_a_live_logdir_is_refused_naming_it(tmp_path):
         with pytest.raises(SystemExit, match=r"--logdir .*run is in use by a running run \(pid 4242\)"):
             main(["--task", str(task), "--no-progress", "--logdir", str(logdir)])
     assert not (logdir / "checkpoints").exists()
+
+
+def test_batch_size_reaches_a_task_that_returns_numpy_data(tmp_path):
+    """A task may return NumPy ``(x, {name: array})``; ``--batch-size`` batches it (training and validation)."""
+    from tests.test_cli import USER_TASK
+
+    task = tmp_path / "numpy_task.py"
+    numpy_data = "data = (x, y)\n    validation = (x[:20], {k: v[:20] for k, v in y.items()})"
+    task.write_text(
+        USER_TASK.replace("data = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)", numpy_data)
+        .replace("validation=data.take(2)", "validation=validation")
+    )  # fmt: skip
+    assert "data = (x, y)" in task.read_text()
+    logdir = tmp_path / "run"
+    _main()(["--task", str(task), "--batch-size", "16", "--epochs", "2", "--no-progress", "--logdir", str(logdir)])
+    assert tf.train.latest_checkpoint(str(logdir / "checkpoints")).endswith("ckpt-10")  # 70 examples: 5 steps an epoch
+
+
+@contextlib.contextmanager
+def _unwritable(path: Path):
+    """``path`` made unwritable even for root (the immutable attribute); plain permissions for other users."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: nothing can be made unwritable here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("part", ["history.csv", "checkpoints", "tensorboard", "the logdir's parent"])
+def test_an_unwritable_part_of_the_logdir_is_a_one_line_error_before_training(part, tmp_path):
+    main, task = _main(), _user_task(tmp_path)
+    parent = tmp_path / "runs"
+    logdir = parent / "run"
+    base = ["--task", str(task), "--batch-size", "16", "--no-progress", "--logdir", str(logdir)]
+    main([*base, "--epochs", "1"])
+    before = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
+    if part == "the logdir's parent":
+        logdir, base[-1] = parent / "new", str(parent / "new")
+        target, message = parent, f"error: cannot create or write --logdir {logdir}: {parent} is not a writable"
+    else:
+        target, message = logdir / part, f"error: {logdir / part} is not writable; fix its permissions or use another"
+    with _unwritable(target), pytest.raises(SystemExit, match=re.escape(message)):
+        main([*base, "--epochs", "2"])
+    assert {p: p.read_bytes() for p in (parent / "run").rglob("*") if p.is_file()} == before

@@ -107,8 +107,8 @@ class Checkpointer:
         directory: where ``ckpt-<step>`` files and the ``checkpoint`` index go.
         state: ``{name: trackable}`` (variables, lists or dicts of them, modules, optimizers ...): what every
             checkpoint holds. Names ``run`` and those passed as ``extra`` to :meth:`save` are taken.
-        every_n_steps: write every this many training steps (blocks end exactly on these steps); None: only at the
-            end of training and on SIGTERM/SIGINT.
+        every_n_steps: write every this many training steps (blocks end exactly on these steps); None: only when
+            the loop asks (at epoch ends, at the end of training and on SIGTERM/SIGINT).
         max_to_keep: how many checkpoints to keep (at least 2, so that a damaged latest one has a fallback).
         chief: whether this process writes into ``directory``. Multi-worker: every worker saves (reading variables
             is a collective), only the chief into ``directory``, the others into a temporary one (see ``close``).

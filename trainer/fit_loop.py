@@ -1,9 +1,10 @@
 """The epoch loop of ``fit``: epochs, validation, callbacks, checkpoints, resume and preemption.
 
 ``FitLoop`` runs the epochs of one ``fit`` call over an :class:`~trainer.epochs.EpochRunner`: it restores the latest
-checkpoint first (``epochs`` is an absolute target), writes checkpoints on their step period, and on SIGTERM/SIGINT
-finishes the block, writes a checkpoint and raises :class:`TrainingInterrupted`. It drives the compiled blocks
-through the :class:`~trainer.runner.BlockRunner` alone, and is itself the hooks of every training block.
+checkpoint first (``epochs`` is an absolute target), writes checkpoints at every epoch's end and on their step period,
+and on SIGTERM/SIGINT finishes the block, writes a checkpoint and raises :class:`TrainingInterrupted`. It drives the
+compiled blocks through the :class:`~trainer.runner.BlockRunner` alone, and is itself the hooks of every training
+block.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class FitLoop(BlockHooks):
                     logs.update({f"val_{key}": value for key, value in val.items()})
                 callbacks.on_epoch_end(epoch, logs)
                 position.next_epoch()
+                self._save()  # every epoch's end (as Keras' BackupAndRestore): a crash loses one epoch at most
                 if callbacks.stop_training:
                     break
                 self._check_preemption(local=alone)

@@ -16,7 +16,8 @@ class Task:
     Attributes:
         model: the model (built inside the strategy's scope by ``build``).
         loss: the loss, as for ``Trainer(loss=...)``.
-        train: training data (a dataset of batches, or numpy ``(x, {name: array})``).
+        train: training data: a dataset of batches, or numpy ``(x, {name: array})`` (``scripts/train.py`` batches it
+            with ``--batch-size``; checkpoints then hold a position instead of a shuffle buffer).
         validation: validation data, same forms, or None.
         loss_weights, metrics, optimizer: as for ``Trainer``.
         epochs: default number of epochs.

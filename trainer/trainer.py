@@ -277,7 +277,7 @@ class Trainer:
             progress: show progress (a bar on a terminal, a line per epoch otherwise) when ``verbose="auto"``.
             checkpoint_dir: resumable checkpoints (the last 3 kept; resume from the latest readable one); SIGTERM
                 and SIGINT then end the block, write one and raise ``TrainingInterrupted``.
-            checkpoint_every: a checkpoint every this many steps; one is always written at the end.
+            checkpoint_every: also a checkpoint every this many steps (one is always written at each epoch's end).
 
         Raises:
             DataError, MissingKeyError, ShapeMismatchError: bad data or structure (the message names it).

@@ -31,7 +31,7 @@ def build(*, batch_size: int, seed: int) -> Task:
     def data(n: int):
         x = rng.normal(size=(n, 20)).astype("float32")
         y = ((x @ w + rng.normal(scale=1.0, size=(n, 1))) > 0).astype("float32")
-        return tf.data.Dataset.from_tensor_slices((x, {"output": y}))
+        return x, {"output": y}  # NumPy: batched with --batch-size, reshuffled by fit from (seed, epoch)
 
     inp = layers.Input((20,))
     hidden = layers.Dense(32, activation="relu")(inp)
@@ -40,8 +40,8 @@ def build(*, batch_size: int, seed: int) -> Task:
         model=model,
         loss=bce_mse,
         loss_weights={"bce": 0.5, "mse": 0.5},
-        train=data(TRAIN).shuffle(TRAIN, seed=seed).batch(batch_size),
-        validation=data(VALIDATION).batch(batch_size),
+        train=data(TRAIN),
+        validation=data(VALIDATION),
         metrics={"output": ["accuracy"]},
         optimizer=keras.optimizers.Adam(1e-3),
         epochs=5,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers
 
 from losses import MultiBoxLoss, box_iou, boxes, mean_average_precision
@@ -105,20 +104,15 @@ def build(*, batch_size: int, seed: int, train_size: int = TRAIN, epochs: int = 
     rng = np.random.default_rng(seed)
     x, box, label = make_images(train_size, rng)
     xv, box_v, label_v = make_images(VALIDATION, rng)
-    train = (
-        tf.data.Dataset.from_tensor_slices((x, encode_targets(box, label)))
-        .shuffle(train_size, seed=seed)
-        .batch(batch_size)
-        .prefetch(2)
-    )
-    validation = tf.data.Dataset.from_tensor_slices((xv, encode_targets(box_v, label_v))).batch(128)
     steps = epochs * -(-train_size // batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(3e-3, decay_steps=steps, alpha=0.01)
     return Task(
         model=build_model(),
         loss=MultiBoxLoss(neg_pos_ratio=3.0),
-        train=train,
-        validation=validation,
+        # NumPy data: train.py batches it with --batch-size and fit reshuffles it from (seed, epoch), so a
+        # checkpoint holds the position, not a tf.data shuffle buffer of every image (217 MB).
+        train=(x, encode_targets(box, label)),
+        validation=(xv, encode_targets(box_v, label_v)),
         optimizer=keras.optimizers.Adam(schedule),
         epochs=epochs,
         evaluate_extra=lambda trainer, _: evaluate_map(trainer, xv, box_v, label_v),

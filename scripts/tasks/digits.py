@@ -35,8 +35,8 @@ def build(*, batch_size: int, seed: int) -> Task:
     order = np.random.default_rng(seed).permutation(len(x))
     train, val = order[:1437], order[1437:]
 
-    def data(index):
-        return tf.data.Dataset.from_tensor_slices((x[index], {"label": y[index], "pixels": x[index]}))
+    def data(index):  # NumPy: train.py batches it with --batch-size; fit reshuffles it from (seed, epoch)
+        return x[index], {"label": y[index], "pixels": x[index]}
 
     inp = layers.Input((64,))
     code = layers.Dense(32, activation="relu")(layers.Dense(128, activation="relu")(inp))
@@ -45,8 +45,8 @@ def build(*, batch_size: int, seed: int) -> Task:
     return Task(
         model=keras.Model(inp, {"label": label, "pixels": pixels}),
         loss=joint_loss,
-        train=data(train).shuffle(len(train), seed=seed).batch(batch_size),
-        validation=data(val).batch(batch_size),
+        train=data(train),
+        validation=data(val),
         metrics={"label": ["accuracy"]},
         optimizer=keras.optimizers.Adam(2e-3),
         epochs=30,

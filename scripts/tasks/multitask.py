@@ -52,13 +52,11 @@ def build(*, batch_size: int, seed: int) -> Task:
     projections = rng.normal(size=(100, 4)).astype("float32") / 10.0
     x, y = make_data(TRAIN, rng, projections)
     xv, yv = make_data(VALIDATION, rng, projections)
-    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(TRAIN, seed=seed).batch(batch_size).prefetch(2)
-    validation = tf.data.Dataset.from_tensor_slices((xv, yv)).batch(batch_size)
     return Task(
         model=build_model(),
         loss=joint_loss,
-        train=train,
-        validation=validation,
+        train=(x, y),  # NumPy: batched with --batch-size, reshuffled from (seed, epoch): a checkpoint is a position
+        validation=(xv, yv),
         metrics={"classification_output": ["accuracy"], "regression_output": ["mae"]},
         optimizer=keras.optimizers.Adam(1e-3),
         epochs=10,
