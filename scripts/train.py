@@ -1,24 +1,26 @@
 """Train a task from the command line and keep everything about the run in one directory.
 
     python scripts/train.py [--task NAME | --task path/to/task.py] [--epochs N] [--batch-size N] [--seed N]
-                            [--logdir DIR] [--fresh] [--checkpoint-every STEPS] [--steps-per-execution N]
-                            [--strategy default|mirrored|multiworker] [--no-progress]
+                            [--logdir DIR] [--fresh] [--set NAME=VALUE ...] [--checkpoint-every STEPS]
+                            [--steps-per-execution N] [--strategy default|mirrored|multiworker] [--no-progress]
 
-A task is a module with ``build(*, batch_size: int, seed: int) -> trainer.Task``. Built-in tasks live in
-``scripts/tasks/`` and are chosen by name; anything else is a path to a task file. The run directory holds
-history.csv, metrics.json, loss_curves.png, tensorboard/, checkpoints/, final.weights.h5 and config.json.
+A task is a module with ``build(*, batch_size: int, seed: int, **params) -> trainer.Task``; its own keyword
+parameters (with defaults) are set with ``--set name=value``. Built-in tasks live in ``scripts/tasks/`` and are
+chosen by name; anything else is a path to a task file. The run directory holds history.csv, metrics.json,
+loss_curves.png, tensorboard/{train,validation}, checkpoints/, final.weights.h5, config.json and the task's
+pictures (``detections.png``).
 
 Rerunning a command with the same ``--logdir`` resumes it exactly. One process at a time owns a run directory (a
 lock the kernel releases when the process dies); every problem with the directory is a one-line error before any
-training step; a rerun whose arguments would make it another run (task, batch size, seed, strategy) is refused,
-naming the differing values; ``--epochs`` may grow; ``--fresh`` moves the old run aside and starts a new one.
+training step; a rerun whose arguments would make it another run (task, batch size, seed, strategy, task
+parameters) is refused, naming the differing values; ``--epochs`` may grow; ``--fresh`` moves the old run aside and
+starts a new one.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -31,16 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ  # the user chose TensorFlow's C++ log level: show what it lets through
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_directory.py, next to this file
+from run_directory import check_logdir, locked, move_aside, where_it_stands  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK = "detection"
 STRATEGIES = ("default", "mirrored", "multiworker")
 TENSORBOARD_EVERY = 50  # per-step TensorBoard scalars every this many training steps
-IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas")  # what a rerun may not change
-PARTS = ("history.csv", "metrics.json", "config.json", "loss_curves.png", "final.weights.h5", "checkpoints",
-         "tensorboard")  # fmt: skip
-LOCK = ".lock"
 
 
 def builtin_tasks() -> list[str]:
@@ -83,24 +85,62 @@ def steps_per_execution(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` where a flag has a default of its own to show, not after help that says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if (
+            "default" in (action.help or "")
+            or default is None
+            or default is False
+            or default in ([], argparse.SUPPRESS)
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parameters_help(argv: list[str]) -> str:
+    """For ``--help``: the parameters of the task named by ``--task`` (loading it), or how to list them."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--task")
+    task = peek.parse_known_args(argv)[0].task
+    if task is None:
+        return "--task NAME --help lists that task's parameters (--set NAME=VALUE)."
+    from trainer.task import describe_parameters, task_parameters
+
+    try:
+        parameters = describe_parameters(task_parameters(load_task(task).build))
+    except (SystemExit, TypeError) as error:
+        return str(error)
+    return f"parameters of task {task} (--set NAME=VALUE): {parameters}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    arguments = sys.argv[1:] if argv is None else argv
+    wants_help = any(a in ("-h", "--help") for a in arguments)
     parser = argparse.ArgumentParser(
         description="Train a tapeloop task; everything about the run goes to one directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog=parameters_help(arguments) if wants_help else None,
     )
     add = parser.add_argument
-    add("--task", default=DEFAULT_TASK, help=f"a built-in task ({', '.join(builtin_tasks())}) or a task file's path")
+    add(
+        "--task", help=f"a built-in task ({', '.join(builtin_tasks())}) or a task file's path (default: {DEFAULT_TASK})"
+    )
     add("--epochs", type=positive_int, help="number of epochs (default: the task's own)")
     add("--batch-size", type=positive_int, default=32, help="global batch size, split across replicas and workers")
     add("--seed", type=int, default=0, help="seed for data, initial weights and shuffling")
     add("--logdir", help="run directory (default: runs/<task>-<timestamp>); rerun with it to resume")
     add("--fresh", action="store_true", help="start a new run in --logdir, moving the old one aside (never deleted)")
-    add("--checkpoint-every", type=positive_int, metavar="STEPS", help="write a checkpoint every STEPS steps")
+    add("--set", action="append", default=[], metavar="NAME=VALUE",
+        help="a task parameter (repeatable), passed to the task's build(); typed by its default there")  # fmt: skip
+    add("--checkpoint-every", type=positive_int, metavar="STEPS", help="also write a checkpoint every STEPS steps")
     add(
         "--steps-per-execution",
         type=steps_per_execution,
-        default="auto",
-        help="training steps per compiled call, or 'auto' (grown until one call takes ~50 ms)",
+        help="training steps per compiled call, or 'auto' (default: the task's, else auto: grown until one call "
+        "takes ~50 ms)",
     )
     add("--strategy", choices=STRATEGIES, default="default", help="tf.distribute strategy")
     add("--no-progress", action="store_true", help="no progress bar: one line per epoch on stdout instead")
@@ -129,58 +169,53 @@ class Run:
     logdir: Path
 
 
-def check_logdir(logdir: Path) -> None:
-    """Every problem with the run directory, as a one-line error, before anything is imported or trained."""
-    if logdir.exists() and not logdir.is_dir():
-        raise SystemExit(f"error: --logdir {logdir} is a file, not a directory.")
-    existing = next((p for p in [logdir, *logdir.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: cannot create or write --logdir {logdir}: {existing} is not a writable directory.")
-    for part in PARTS:
-        path = logdir / part
-        if path.exists() and not os.access(path, os.W_OK):
-            raise SystemExit(f"error: {path} is not writable; fix its permissions or use another --logdir.")
-
-
 @contextlib.contextmanager
-def locked(logdir: Path):
-    """One live run per directory: an flock the kernel releases when the process ends, however it ends."""
-    logdir.mkdir(parents=True, exist_ok=True)
-    with open(logdir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise SystemExit(f"error: --logdir {logdir} is in use by a running run ({owner}); wait for it or use "
-                             "another --logdir.") from None  # fmt: skip
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
+def quiet_native_logs(enabled: bool = QUIET):
+    """TensorFlow's C++ start-up lines (oneDNN, CUDA probing, absl) reach file descriptor 2 before any log level
+    applies. While TensorFlow is imported and its devices found, fd 2 goes to a temporary file, shown only if
+    that fails."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
         try:
             yield
+        except BaseException as error:
+            failed = not isinstance(error, SystemExit)
+            raise
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def move_aside(logdir: Path) -> None:
-    """``--fresh``: the old run goes to ``<logdir>.old-<timestamp>``; nothing is deleted."""
-    if logdir.is_dir() and any(p.name != LOCK for p in logdir.iterdir()):
-        aside = logdir.with_name(f"{logdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        logdir.rename(aside)
-        print(f"--fresh: the previous run in {logdir} was moved to {aside}", flush=True)
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode(errors="replace"))
 
 
 def main(argv: list[str] | None = None) -> Run:
     args = parse_args(argv)
+    args.task = args.task or DEFAULT_TASK
     if args.strategy == "multiworker" and args.logdir is None:
         raise SystemExit("error: --strategy multiworker needs --logdir (every worker must name the same directory)")
     name = Path(args.task).stem
     logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_logdir(logdir)
-    module = load_task(args.task)
-    strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+    with quiet_native_logs():
+        module = load_task(args.task)  # (imports TensorFlow)
+        strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker needs that)
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # (probes for CUDA)
+    from trainer.task import parse_task_parameters
+
+    try:
+        args.params = parse_task_parameters(module.build, args.set)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     from trainer.cluster import is_chief
 
     chief = is_chief(strategy)
@@ -196,36 +231,6 @@ def main(argv: list[str] | None = None) -> Run:
         return run(args, argv, module, strategy, name, logdir, logdir)
 
 
-def where_it_stands(config: dict, logdir: Path, epochs: int) -> str | None:
-    """Refuse a rerun that would be another run; return a line saying where a resumed run stands, or exit 0 when
-    there is nothing left to train."""
-    previous_file = logdir / "config.json"
-    if not previous_file.exists():
-        return None
-    previous = json.loads(previous_file.read_text())
-    changed = [
-        f"{key}: {previous.get(key)!r} -> {config[key]!r}" for key in IDENTITY if previous.get(key) != config[key]
-    ]
-    if changed:
-        raise SystemExit(
-            f"error: {logdir} holds a run with other arguments ({'; '.join(changed)}); resuming it would silently "
-            "be another run. Rerun with its arguments, or start fresh: a new --logdir, or --fresh (moves it aside)."
-        )
-    from trainer.checkpoints import read_meta
-
-    found = read_meta(logdir / "checkpoints")
-    if found is None:
-        return None
-    path, meta = found
-    done, steps = meta["position"]["epoch"], meta["position"]["epoch_steps"]
-    if done >= epochs:
-        at = f"epoch {done}" + (f" and {steps} steps of the next" if steps else "")
-        print(f"already trained to {at} (--epochs {epochs}); nothing to do. Run directory: {logdir}", flush=True)
-        raise SystemExit(0)
-    where = f"epoch {done}" + (f" + {steps} steps" if steps else "")
-    return f"resumed from checkpoint {Path(path).name} ({where}, step {meta['global_step']})"
-
-
 def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) -> Run:
     import keras
     import tensorflow as tf
@@ -239,27 +244,32 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         TrainingInterrupted,
         WriterCallback,
     )
+    from trainer.task import task_parameters
+    from trainer.writers import format_value
 
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)  # (the chief's exists: it holds the lock)
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow: initial weights, dropout, data
     tf.config.experimental.enable_op_determinism()  # the same bits on the same machine, run after run
     with strategy.scope():
-        task = module.build(batch_size=args.batch_size, seed=args.seed)
+        task = module.build(batch_size=args.batch_size, seed=args.seed, **args.params)
+        options = {"steps_per_execution": "auto", **task.trainer_options}
+        if args.steps_per_execution is not None:  # the command line wins over the task
+            options["steps_per_execution"] = args.steps_per_execution
         trainer = Trainer(
             task.model,
             optimizer=task.optimizer,
             loss=task.loss,
             loss_weights=task.loss_weights,
             metrics=task.metrics,
-            steps_per_execution=args.steps_per_execution,
             strategy=strategy,
             seed=args.seed,
+            **options,
         )
     epochs = args.epochs or task.epochs
     config = {**vars(args), "task_file": str(module.__file__), "logdir": str(logdir), "epochs": epochs}
-    config["replicas"] = strategy.num_replicas_in_sync
-    del config["fresh"]
+    config.update(replicas=strategy.num_replicas_in_sync, params={**task_parameters(module.build), **args.params})
+    del config["fresh"], config["set"]
     resumed = where_it_stands(config, logdir, epochs)
     if resumed:
         print(resumed, flush=True)
@@ -282,7 +292,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
             epochs=epochs,
             validation_data=task.validation,
             validation_batch_size=batch_size(task.validation),
-            callbacks=[WriterCallback(*writers)],
+            callbacks=[*task.make_callbacks(trainer), WriterCallback(*writers)],  # the writers see what those log
             progress=not args.no_progress,
             checkpoint_dir=logdir / "checkpoints",  # the Trainer lets only the chief write there
             checkpoint_every=args.checkpoint_every,
@@ -294,18 +304,22 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         command = shlex.join(["python", str(Path(__file__)), *again])
         print(f"\n{stop}\nTo resume, run the same command with the same --logdir:\n  {command}", flush=True)
         raise SystemExit(128 + stop.signum) from None
-    if task.validation is not None:
-        results = trainer.evaluate(task.validation, batch_size=batch_size(task.validation))
-    else:
-        results = {k: v[-1] for k, v in history.history.items()}
+    # The last epoch's values exactly as history.csv holds them (validation's, when there is validation data).
+    last = {key: values[-1] for key, values in history.history.items()}
+    validated = {key[len("val_") :]: value for key, value in last.items() if key.startswith("val_")}
+    results = validated or last
     if task.evaluate_extra is not None:
         results.update({k: float(v) for k, v in task.evaluate_extra(trainer, task.validation).items()})
+    results = {key: float(format_value(value)) for key, value in results.items()}
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    if task.pictures is not None:
+        for picture, figure in task.pictures(trainer, task.validation).items():
+            figure.savefig(run_dir / f"{picture}.png", dpi=100)
     if hasattr(task.model, "save_weights"):
         task.model.save_weights(run_dir / "final.weights.h5")
     if run_dir == logdir:
         seconds = time.perf_counter() - start
-        print_summary(name, results, task.validation is not None, trainer.global_step, seconds, logdir)
+        print_summary(name, results, bool(validated), trainer.global_step, seconds, logdir)
     return Run(results, history.history, logdir)
 
 

@@ -158,18 +158,20 @@ def test_csv_and_tensorboard_writers_hold_the_history_values(tmp_path):
     )
     rows = list(csv.DictReader(csv_path.open()))
     assert list(rows[0]) == ["epoch", *history]
-    for key, values in history.items():
-        assert [float(r[key]) for r in rows] == values  # repr round-trips the float exactly
+    for key, values in history.items():  # the shortest decimal of each float32 value reads back to it exactly
+        assert [np.float32(r[key]) for r in rows] == [np.float32(v) for v in values]
 
     events = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+    for path in sorted(tb_dir.glob("*/events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
-                events.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
-    for key, values in history.items():
-        assert events[f"epoch/{key}"] == [(0, pytest.approx(values[0])), (1, pytest.approx(values[1]))]
+                tag = f"{path.parent.name}/{value.tag}"
+                events.setdefault(tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    for key, values in history.items():  # as Keras' TensorBoard: val_<key> is epoch_<key> in the validation run
+        tag = f"validation/epoch_{key[4:]}" if key.startswith("val_") else f"train/epoch_{key}"
+        assert events[tag] == [(0, pytest.approx(values[0])), (1, pytest.approx(values[1]))]
     # 5 steps per epoch, blocks of up to 3, cut so that they end on multiples of 2: written at exactly 2, 4, 6, ...
-    assert [s for s, _ in events["step/loss"]] == [2, 4, 6, 8, 10]
+    assert [s for s, _ in events["train/batch_loss"]] == [2, 4, 6, 8, 10]
 
 
 def test_every_fires_when_a_block_crosses_a_multiple():

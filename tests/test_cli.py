@@ -85,18 +85,21 @@ def test_run_directory_files_agree_with_each_other(task_file, tmp_path, capsys):
 
     rows = list(csv.DictReader((logdir / "history.csv").open()))
     assert list(rows[0]) == ["epoch", *keys]
-    for key in keys:
-        assert [float(r[key]) for r in rows] == history[key]
+    for key in keys:  # each float32 value as the shortest decimal that reads back to it (lr: 0.05)
+        assert [np.float32(r[key]) for r in rows] == [np.float32(v) for v in history[key]]
+    assert [r["lr"] for r in rows] == ["0.05"] * 3
 
     metrics = json.loads((logdir / "metrics.json").read_text())
     assert set(metrics) == {"loss", "mse", "ce", "p/accuracy", "answer"} and metrics["answer"] == 42.0
-    for key in ("loss", "mse", "ce", "p/accuracy"):  # evaluated on the final weights: the last epoch's val_ values
-        assert metrics[key] == pytest.approx(history[f"val_{key}"][-1], rel=1e-6)
+    for key in ("loss", "mse", "ce", "p/accuracy"):  # the last epoch's validation values, as history.csv has them
+        assert metrics[key] == float(rows[-1][f"val_{key}"])
 
-    events = _events(logdir / "tensorboard")
+    # Keras' TensorBoard layout: runs train/ and validation/, one tag epoch_<key> in each, so the curves overlay
+    train, validation = _events(logdir / "tensorboard" / "train"), _events(logdir / "tensorboard" / "validation")
     for key in keys:
-        assert [v for _, v in events[f"epoch/{key}"]] == pytest.approx(history[key], rel=1e-6)
-    assert [s for s, _ in events["epoch/loss"]] == [0, 1, 2]
+        run, tag = (validation, f"epoch_{key[4:]}") if key.startswith("val_") else (train, f"epoch_{key}")
+        assert [v for _, v in run[tag]] == pytest.approx(history[key], rel=1e-6)
+    assert [s for s, _ in train["epoch_loss"]] == [s for s, _ in validation["epoch_loss"]] == [0, 1, 2]
 
     image = matplotlib.image.imread(logdir / "loss_curves.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
@@ -131,7 +134,7 @@ def test_same_command_with_same_logdir_resumes(task_file, tmp_path):
     straight = _cli().main([*base, "--epochs", "3", "--logdir", str(tmp_path / "b")])
     assert resumed.history == straight.history and len(resumed.history["loss"]) == 3
     rows = list(csv.DictReader((tmp_path / "a" / "history.csv").open()))
-    assert [float(r["loss"]) for r in rows] == straight.history["loss"]
+    assert [np.float32(r["loss"]) for r in rows] == [np.float32(v) for v in straight.history["loss"]]
     first, second = (tf.train.load_checkpoint(str(tmp_path / d / "checkpoints")) for d in ("a", "b"))
     for name in second.get_variable_to_shape_map():
         if name.startswith("model_variables/"):

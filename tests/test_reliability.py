@@ -280,10 +280,10 @@ def test_tensorboard_writes_each_step_and_epoch_once_across_a_resume(tmp_path):
         _fit(helpers.small_model(), tmp_path / "run", callbacks=callbacks, crash_at=14, checkpoint_every=8)
     _fit(helpers.small_model(), tmp_path / "run", callbacks=callbacks, checkpoint_every=8)
     seen = []
-    for path in board.glob("events.out.tfevents.*"):
+    for path in board.glob("*/events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
-            seen += [(value.tag, event.step) for value in event.summary.value if value.tag.endswith("/loss")]
-    assert sorted(seen) == sorted([("epoch/loss", e) for e in range(3)] + [("step/loss", s) for s in range(2, 25, 2)])
+            seen += [(value.tag, event.step) for value in event.summary.value if value.tag.endswith("_loss")]
+    assert sorted(seen) == sorted([("epoch_loss", e) for e in range(3)] + [("batch_loss", s) for s in range(2, 25, 2)])
 
 
 def test_generator_input_with_checkpoints_warns_saves_and_resumes_by_replaying(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
@@ -29,12 +30,47 @@ __all__ = [
     "TensorBoardWriter",
     "Writer",
     "WriterCallback",
+    "format_value",
     "progress_writers",
 ]
 
 
+def format_value(value: float) -> str:
+    """A logged number as short as it can be while keeping the precision it has: a value that is a float32 (every
+    value computed in the graph) is written as the shortest decimal that reads back to that float32 (``0.001``, not
+    ``0.0010000000474974513``); any other float in full (``repr``)."""
+    value = float(value)
+    single = np.float32(value)
+    return str(single) if float(single) == value and np.isfinite(single) else repr(value)
+
+
 def format_scalars(scalars: Mapping[str, float]) -> str:
     return " - ".join(f"{key}: {value:.4g}" for key, value in scalars.items())
+
+
+def fit_width(text: str, width: int) -> str:
+    """``text`` cut to ``width`` columns at a `` - `` separator, with ``…`` when something was left out."""
+    if len(text) <= width:
+        return text
+    parts, kept = text.split(" - "), ""
+    for part in parts:
+        candidate = f"{kept} - {part}" if kept else part
+        if len(candidate) + 2 > width:
+            break
+        kept = candidate
+    return f"{kept} …" if kept else text[: max(0, width - 1)] + "…"
+
+
+def wrap_line(text: str, width: int) -> str:
+    """``text`` broken at `` - `` separators into lines of at most ``width`` columns (a part longer stays whole)."""
+    lines, line = [], ""
+    for part in text.split(" - "):
+        candidate = f"{line} - {part}" if line else part
+        if line and len(candidate) > width:
+            lines.append(line)
+            candidate = f"  {part}"
+        line = candidate
+    return "\n".join([*lines, line])
 
 
 class Writer:
@@ -91,23 +127,42 @@ class MultiWriter(Writer):
             writer.resume(history, step)
 
 
+def terminal_width(stream: IO[str]) -> int | None:
+    """Columns of the terminal ``stream`` writes to; None when it reports no size (not a terminal, no descriptor)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 class ProgressWriter(Writer):
-    """A tqdm bar per epoch showing every key; one plain line per epoch when the stream is not a terminal.
+    """A tqdm bar per epoch on a terminal, one plain line per epoch otherwise.
+
+    The bar fits the terminal: its running values are cut at a key (``…`` marks the rest) so the bar keeps its
+    width; at the epoch's end every key, validation included, is printed under it, wrapped to the width.
 
     Args:
         stream: where to write (default stderr).
-        bar: force the bar on or off; None decides by whether ``stream`` is a terminal.
+        bar: force the bar on or off; None: a bar on a terminal, unless it reports fewer than ``MIN_WIDTH``
+            columns (a zero-width terminal: tqdm would print blank lines).
     """
+
+    MIN_WIDTH = 40  # narrower (or a zero-width terminal): plain lines
+    BAR_COLUMNS = 70  # what tqdm needs besides the values: label, percentage, bar, counts, time, rate
 
     def __init__(self, stream: IO[str] | None = None, *, bar: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.interactive = is_terminal if bar is None else bar
+        width = terminal_width(self.stream)
+        self.interactive = is_terminal and (width is None or width >= self.MIN_WIDTH) if bar is None else bar
         self._bar: Any = None
         self._epoch_label = ""
         self._start = 0.0
         self._steps_done = 0
         self._epoch_start_step = 0
+
+    def _columns(self) -> int:
+        return terminal_width(self.stream) or 100
 
     def begin_epoch(self, epoch: int, epochs: int, steps: int | None) -> None:
         self._epoch_label = f"Epoch {epoch + 1}/{epochs}"
@@ -122,14 +177,16 @@ class ProgressWriter(Writer):
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._bar is not None:
             self._bar.update(step - self._steps_done)
-            self._bar.set_postfix_str(format_scalars(scalars), refresh=False)
+            budget = self._columns() - self.BAR_COLUMNS
+            self._bar.set_postfix_str(fit_width(format_scalars(scalars), budget) if budget > 0 else "", refresh=False)
         self._steps_done = step
 
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(format_scalars(scalars))
+            self._bar.refresh()
             self._bar.close()
             self._bar = None
+            print("  " + wrap_line(format_scalars(scalars), self._columns() - 2), file=self.stream)
             return
         seconds = time.perf_counter() - self._start
         steps = self._steps_done - self._epoch_start_step
@@ -170,8 +227,8 @@ class CSVWriter(Writer):
             self._writer = csv.writer(self._file)
             self._writer.writerow(["epoch", *self._keys])
             for i in range(max(map(len, self._past.values()), default=0)):
-                self._writer.writerow([i, *(repr(float(self._past[k][i])) for k in self._keys)])
-        self._writer.writerow([epoch, *(repr(float(scalars[k])) if k in scalars else "" for k in self._keys)])
+                self._writer.writerow([i, *(format_value(self._past[k][i]) for k in self._keys)])
+        self._writer.writerow([epoch, *(format_value(scalars[k]) if k in scalars else "" for k in self._keys)])
         self._file.flush()
 
     def close(self) -> None:
@@ -181,59 +238,65 @@ class CSVWriter(Writer):
 
 
 class TensorBoardWriter(Writer):
-    """TensorBoard scalars: ``epoch/<key>`` once per epoch, ``step/<key>`` every ``every_n_steps`` steps.
+    """TensorBoard scalars laid out as Keras' ``TensorBoard`` callback lays them out, so the curves overlay: two runs
+    under ``logdir``, ``train`` and ``validation``; once per epoch the tag ``epoch_<key>`` (a ``val_<key>`` value goes
+    to ``validation`` as ``epoch_<key>``, next to the training ``epoch_<key>``); and ``batch_<key>`` in ``train``
+    every ``every_n_steps`` steps (at the global step).
 
     A resumed run repeats the steps after its checkpoint; the steps and epochs already in the event files are not
     written again, so every point appears once.
     """
 
+    RUNS = ("train", "validation")
+
     def __init__(self, logdir: str | os.PathLike, every_n_steps: int | None = None) -> None:
         self.logdir = os.fspath(logdir)
         self.every = Every(every_n_steps)
-        self._writer: Any = None
+        self._writers: dict[str, Any] = {}
         self._last_step = 0
-        self._written = {"step": -1, "epoch": -1}  # the last step / epoch already on disk (resume)
+        self._written = {"batch": -1, "epoch": -1}  # the last step / epoch already on disk (resume)
 
-    def _summary_writer(self) -> Any:
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.logdir)
-        return self._writer
-
-    def _write(self, prefix: str, step: int, scalars: Mapping[str, float]) -> None:
-        if step <= self._written[prefix]:
+    def _write(self, run: str, kind: str, step: int, scalars: Mapping[str, float]) -> None:
+        if step <= self._written[kind] or not scalars:
             return  # written before the run was interrupted (an exact resume recomputes the same values)
-        with self._summary_writer().as_default(step=step):
+        if run not in self._writers:
+            self._writers[run] = tf.summary.create_file_writer(os.path.join(self.logdir, run))
+        with self._writers[run].as_default(step=step):
             for key, value in scalars.items():
-                tf.summary.scalar(f"{prefix}/{key}", value)
+                tf.summary.scalar(f"{kind}_{key}", value)
 
     def step_periods(self) -> list[int]:
         return [] if self.every.n is None else [self.every.n]
 
     def resume(self, history: Mapping[str, list[float]], step: int) -> None:
         self._last_step = step
-        for path in sorted(Path(self.logdir).glob("events.out.tfevents.*")):
+        for path in sorted(Path(self.logdir).glob("*/events.out.tfevents.*")):
             try:
                 for event in tf.compat.v1.train.summary_iterator(str(path)):
                     for value in event.summary.value:
-                        prefix = value.tag.split("/", 1)[0]
-                        if prefix in self._written:
-                            self._written[prefix] = max(self._written[prefix], event.step)
+                        kind = value.tag.split("_", 1)[0]
+                        if kind in self._written:
+                            self._written[kind] = max(self._written[kind], event.step)
             except tf.errors.DataLossError:  # a last record cut short by a kill: what was read before counts
                 continue
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if self.every.due(self._last_step, step):
-            self._write("step", step, scalars)
+            self._write("train", "batch", step, scalars)
         self._last_step = step
 
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
-        self._write("epoch", epoch, scalars)
-        self._summary_writer().flush()
+        train = {key: value for key, value in scalars.items() if not key.startswith("val_")}
+        validation = {key[len("val_") :]: value for key, value in scalars.items() if key.startswith("val_")}
+        self._write("train", "epoch", epoch, train)
+        self._write("validation", "epoch", epoch, validation)
+        for writer in self._writers.values():
+            writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
 
 
 class WriterCallback(keras.callbacks.Callback):

@@ -24,7 +24,10 @@ def bce_mse(outputs, targets):
     }
 
 
-def build(*, batch_size: int, seed: int) -> Task:
+def build(
+    *, batch_size: int, seed: int, learning_rate: float = 1e-3, bce_weight: float = 0.5, mse_weight: float = 0.5
+) -> Task:
+    """Parameters (``--set NAME=VALUE``): Adam's learning rate and the two parts' weights (0.5·BCE + 0.5·MSE)."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(20, 1)).astype("float32")
 
@@ -39,10 +42,10 @@ def build(*, batch_size: int, seed: int) -> Task:
     return Task(
         model=model,
         loss=bce_mse,
-        loss_weights={"bce": 0.5, "mse": 0.5},
+        loss_weights={"bce": bce_weight, "mse": mse_weight},
         train=data(TRAIN),
         validation=data(VALIDATION),
         metrics={"output": ["accuracy"]},
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=keras.optimizers.Adam(learning_rate),
         epochs=5,
     )

@@ -7,9 +7,15 @@ feature maps. ``evaluate_extra`` reports mAP@0.5 and mAP@0.75 (VOC all-point) on
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import keras
 import numpy as np
 from keras import layers
+from matplotlib import patheffects
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from losses import MultiBoxLoss, box_iou, boxes, mean_average_precision
 from trainer import Task
@@ -25,6 +31,9 @@ SHAPES = (
     ((0.6, 1.0),),
 )
 ANCHORS = boxes.make_anchors(FEATURES, SHAPES)
+CLASS_NAMES = ("background", "rectangle", "ellipse", "triangle")
+COLOURS = ("white", "tab:red", "tab:cyan", "yellow")
+CATEGORIES = [{"id": c, "name": name} for c, name in enumerate(CLASS_NAMES) if c > 0]
 
 
 def _draw(image: np.ndarray, shape: int, y0: int, x0: int, h: int, w: int, colour: np.ndarray) -> None:
@@ -93,27 +102,131 @@ def encode_targets(box: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
     return {"boxes": encoded.numpy(), "classes": matched.numpy()}
 
 
-def evaluate_map(trainer, images: np.ndarray, box: np.ndarray, label: np.ndarray) -> dict[str, float]:
+def detect(trainer, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image ``(corner boxes, scores, labels)`` after NMS."""
     outputs = trainer.predict(images, batch_size=128)
-    detections = boxes.decode_detections(outputs["boxes"], outputs["classes"], ANCHORS)
-    truth = [(b[lab > 0], lab[lab > 0]) for b, lab in zip(box, label)]
-    return {f"mAP@{t}": mean_average_precision(detections, truth, iou_threshold=t) for t in (0.5, 0.75)}
+    return boxes.decode_detections(outputs["boxes"], outputs["classes"], ANCHORS)
 
 
-def build(*, batch_size: int, seed: int, train_size: int = TRAIN, epochs: int = 8) -> Task:
+def truth_of(box: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(b[lab > 0], lab[lab > 0]) for b, lab in zip(box, label)]
+
+
+class EpochMAP(keras.callbacks.Callback):
+    """Adds ``val_mAP@0.5`` and ``val_mAP@0.75`` (VOC all-point) to every epoch's logs, so they are in the History,
+    history.csv, TensorBoard and the plot (and ``EarlyStopping`` may monitor them)."""
+
+    def __init__(self, trainer, images: np.ndarray, box: np.ndarray, label: np.ndarray) -> None:
+        super().__init__()
+        self.trainer, self.images, self.truth = trainer, images, truth_of(box, label)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        detections = detect(self.trainer, self.images)
+        for t in (0.5, 0.75):
+            logs[f"val_mAP@{t}"] = mean_average_precision(detections, self.truth, iou_threshold=t)
+
+
+def coco_average_precision(detections, truth) -> dict[str, float]:
+    """COCO's own yardstick by ``pycocotools.COCOeval`` on the same detections: AP@[.5:.95], AP@0.5, AP@0.75
+    (101-point interpolation, up to 100 detections an image). Raises ImportError without pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(corners: np.ndarray) -> list[float]:
+        y0, x0, y1, x1 = (float(v) * SIZE for v in corners)
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    images = [{"id": i, "width": SIZE, "height": SIZE} for i in range(len(truth))]
+    annotations = [
+        {"id": k + 1, "image_id": i, "category_id": int(c), "bbox": xywh(b), "iscrowd": 0}
+        for k, (i, b, c) in enumerate((i, b, c) for i, (bs, cs) in enumerate(truth) for b, c in zip(bs, cs))
+    ]
+    for annotation in annotations:
+        annotation["area"] = annotation["bbox"][2] * annotation["bbox"][3]
+    found = [
+        {"image_id": i, "category_id": int(c), "bbox": xywh(b), "score": float(s)}
+        for i, (bs, ss, cs) in enumerate(detections)
+        for b, s, c in zip(bs, ss, cs)
+    ]
+    if not found:
+        return dict.fromkeys(("coco_AP@[.5:.95]", "coco_AP@0.5", "coco_AP@0.75"), 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+        ground = COCO()
+        ground.dataset = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+        ground.createIndex()
+        evaluation = COCOeval(ground, ground.loadRes(found), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    ap, ap50, ap75 = (float(v) for v in evaluation.stats[:3])
+    return {"coco_AP@[.5:.95]": ap, "coco_AP@0.5": ap50, "coco_AP@0.75": ap75}
+
+
+def coco_metrics(trainer, images: np.ndarray, box: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    try:
+        return coco_average_precision(detect(trainer, images), truth_of(box, label))
+    except ImportError:
+        print('COCO AP not computed: pycocotools is not installed (pip install -e ".[detection]").')
+        return {}
+
+
+def detections_figure(trainer, images: np.ndarray, box: np.ndarray, label: np.ndarray, n: int = 16) -> Figure:
+    """A grid of ``n`` validation images: ground truth dashed white, detections (score >= 0.5) in their class's
+    colour with class and score."""
+    detections = detect(trainer, images[:n])
+    columns = 4
+    figure = Figure(figsize=(2.2 * columns, 2.2 * -(-n // columns)), layout="constrained")
+    for i, axis in enumerate(figure.subplots(-(-n // columns), columns).flat):
+        axis.set_axis_off()
+        if i >= n:
+            continue
+        axis.imshow(images[i])
+        for b in box[i][label[i] > 0] * SIZE:
+            outline = Rectangle((b[1] - 0.5, b[0] - 0.5), b[3] - b[1], b[2] - b[0], fill=False, ec="white", ls="--")
+            outline.set_path_effects([patheffects.withStroke(linewidth=2.5, foreground="black")])
+            axis.add_patch(outline)
+        for b, score, c in zip(*detections[i]):
+            if score < 0.5:
+                continue
+            b, colour = b * SIZE, COLOURS[int(c)]
+            axis.add_patch(Rectangle((b[1] - 0.5, b[0] - 0.5), b[3] - b[1], b[2] - b[0], fill=False, ec=colour, lw=1.5))
+            axis.text(b[1], b[0] - 1, f"{CLASS_NAMES[int(c)]} {score:.2f}", color=colour, fontsize=6, va="bottom")
+    figure.suptitle("validation: ground truth (dashed) and detections (score >= 0.5)", fontsize=9)
+    return figure
+
+
+def build(
+    *,
+    batch_size: int,
+    seed: int,
+    learning_rate: float = 3e-3,
+    loc_weight: float = 1.0,
+    conf_weight: float = 1.0,
+    neg_pos_ratio: float = 3.0,
+    train_size: int = TRAIN,
+    epochs: int = 8,
+) -> Task:
+    """Parameters (``--set NAME=VALUE``): the peak learning rate of the cosine schedule, the weights of the two
+    parts of the MultiBox loss, its hard-negative ratio, the number of training images, and ``epochs`` (the
+    schedule's length and the default ``--epochs``)."""
     rng = np.random.default_rng(seed)
     x, box, label = make_images(train_size, rng)
     xv, box_v, label_v = make_images(VALIDATION, rng)
     steps = epochs * -(-train_size // batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(3e-3, decay_steps=steps, alpha=0.01)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
     return Task(
         model=build_model(),
-        loss=MultiBoxLoss(neg_pos_ratio=3.0),
+        loss=MultiBoxLoss(neg_pos_ratio=neg_pos_ratio),
+        loss_weights={"loc": loc_weight, "conf": conf_weight},
         # NumPy data: train.py batches it with --batch-size and fit reshuffles it from (seed, epoch), so a
         # checkpoint holds the position, not a tf.data shuffle buffer of every image (217 MB).
         train=(x, encode_targets(box, label)),
         validation=(xv, encode_targets(box_v, label_v)),
         optimizer=keras.optimizers.Adam(schedule),
         epochs=epochs,
-        evaluate_extra=lambda trainer, _: evaluate_map(trainer, xv, box_v, label_v),
+        callbacks=lambda trainer: [EpochMAP(trainer, xv, box_v, label_v)],
+        evaluate_extra=lambda trainer, _: coco_metrics(trainer, xv, box_v, label_v),
+        pictures=lambda trainer, _: {"detections": detections_figure(trainer, xv, box_v, label_v)},
     )

@@ -28,7 +28,16 @@ def joint_loss(outputs, targets):
     }
 
 
-def build(*, batch_size: int, seed: int) -> Task:
+def build(
+    *,
+    batch_size: int,
+    seed: int,
+    learning_rate: float = 2e-3,
+    ce_weight: float = 1.0,
+    recon_weight: float = 1.0,
+    agreement_weight: float = 1.0,
+) -> Task:
+    """Parameters (``--set NAME=VALUE``): Adam's learning rate and the weight of each part of the loss."""
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target.astype("int32")
@@ -48,6 +57,7 @@ def build(*, batch_size: int, seed: int) -> Task:
         train=data(train),
         validation=data(val),
         metrics={"label": ["accuracy"]},
-        optimizer=keras.optimizers.Adam(2e-3),
+        loss_weights={"ce": ce_weight, "recon": recon_weight, "agreement": agreement_weight},
+        optimizer=keras.optimizers.Adam(learning_rate),
         epochs=30,
     )

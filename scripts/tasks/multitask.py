@@ -47,7 +47,15 @@ def joint_loss(outputs, targets):
     return {"regression": mse, "classification": ce}
 
 
-def build(*, batch_size: int, seed: int) -> Task:
+def build(
+    *,
+    batch_size: int,
+    seed: int,
+    learning_rate: float = 1e-3,
+    regression_weight: float = 1.0,
+    classification_weight: float = 1.0,
+) -> Task:
+    """Parameters (``--set NAME=VALUE``): Adam's learning rate, and the weight of each part of the loss."""
     rng = np.random.default_rng(seed)
     projections = rng.normal(size=(100, 4)).astype("float32") / 10.0
     x, y = make_data(TRAIN, rng, projections)
@@ -58,6 +66,7 @@ def build(*, batch_size: int, seed: int) -> Task:
         train=(x, y),  # NumPy: batched with --batch-size, reshuffled from (seed, epoch): a checkpoint is a position
         validation=(xv, yv),
         metrics={"classification_output": ["accuracy"], "regression_output": ["mae"]},
-        optimizer=keras.optimizers.Adam(1e-3),
+        loss_weights={"regression": regression_weight, "classification": classification_weight},
+        optimizer=keras.optimizers.Adam(learning_rate),
         epochs=10,
     )
