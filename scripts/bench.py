@@ -1,6 +1,6 @@
 """Benchmark: tapeloop's Trainer against a minimal hand-written GradientTape loop and keras.Model.fit.
 
-    python scripts/bench.py [--repeats N] [--json PATH]
+    python scripts/bench.py [--repeats N] [--json PATH] [--large-numpy GB] [--only large-numpy|first-epoch]
 
 Same model, data and optimizer in one process; warm-up (tracing) excluded; each figure is the best of ``--repeats``
 timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
@@ -8,8 +8,9 @@ timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
   (b) compute-bound: MLP 100 -> 256 -> 256 -> heads, batch 256
   (c) logging cost: workload (a) with a loss returning 1 vs 20 named components
   (d) the detection task's SSD, batch 32
-plus the cost of log_grad_norms, retraces after the first epoch and resident memory over 20 epochs. Targets are
-printed as ratios.
+plus the cost of log_grad_norms, retraces after the first epoch and resident memory over 20 epochs; and, each run
+in a fresh process (scripts/bench_fresh.py), the first epoch against Model.fit's (a VAE on 1,500 digits and the
+seed-001 model) and large NumPy input (default 1.5 GB: time and peak memory). Targets are printed as ratios.
 """
 
 from __future__ import annotations
@@ -26,26 +27,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tasks"))
 from trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fresh import (
+    first_epoch,
+    first_epoch_child,
+    large_numpy,
+    large_numpy_child,
+    print_first,
+    print_large,
+    rss_mb,
+    two_head_model,
+)
+
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
-
-
-def two_head_model(width: tuple[int, ...]) -> keras.Model:
-    inp = layers.Input((100,))
-    x = inp
-    for units in width:
-        x = layers.Dense(units, activation="relu")(x)
-    return keras.Model(
-        inp,
-        [
-            layers.Dense(1, name="regression_output")(x),
-            layers.Dense(3, activation="softmax", name="classification_output")(x),
-        ],
-    )
 
 
 def two_head_data(n: int, batch: int) -> tf.data.Dataset:
@@ -137,16 +135,31 @@ def many_components(k: int):
     return loss
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure (best of)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--large-numpy", type=float, default=1.5, metavar="GB",
+                        help="size of x in the large-numpy row (GB of float32; 0 skips the row)")  # fmt: skip
+    parser.add_argument("--only", choices=("large-numpy", "first-epoch"), help="run only this row")
+    parser.add_argument("--large-numpy-child", choices=("keras", "trainer"), help=argparse.SUPPRESS)
+    parser.add_argument("--first-epoch-child", choices=("keras", "trainer"), help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=("vae", "seed001"), default="vae", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.large_numpy_child:
+        print(json.dumps(large_numpy_child(args.large_numpy_child, args.large_numpy)))
+        return {}
+    if args.first_epoch_child:
+        print(json.dumps(first_epoch_child(args.first_epoch_child, args.workload)))
+        return {}
+    if args.only == "large-numpy":
+        report = {"large_numpy": large_numpy(args.large_numpy)}
+        print_large(report["large_numpy"])
+        return report
+    if args.only == "first-epoch":
+        report = {"first_epoch": first_epoch()}
+        print_first(report["first_epoch"])
+        return report
     keras.utils.set_random_seed(0)
     started = time.perf_counter()
     rows: list[dict] = []
@@ -213,6 +226,9 @@ def main(argv=None) -> dict:
         "rss_growth_mb_over_20_epochs": growth,
         "seconds": time.perf_counter() - started,
     }
+    report["first_epoch"] = first_epoch()
+    if args.large_numpy > 0:
+        report["large_numpy"] = large_numpy(args.large_numpy)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -238,6 +254,9 @@ def print_report(report: dict) -> None:
     print(f"retraces after the first epochs (partial batch + validation): {report['retraces_after_first_epochs']}")
     print(f"resident memory growth over 20 epochs: {report['rss_growth_mb_over_20_epochs']:.1f} MB")
     print(f"(steps/s, best of repeats; bench took {report['seconds']:.0f} s)")
+    print_first(report["first_epoch"])
+    if "large_numpy" in report:
+        print_large(report["large_numpy"])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from losses import LossProtocolError, components
+from tests import helpers
 from trainer import Trainer
 
 
@@ -172,3 +173,30 @@ def test_dict_entries_keras_function_and_exec_defined_function():
     p = model.predict(x, verbose=0).astype("float64")
     assert logs["output"] == pytest.approx(np.mean((p - y) ** 2), rel=1e-5)
     assert logs["mean"] == pytest.approx(np.mean(p), rel=1e-5, abs=1e-6)
+
+
+def _gated(outputs, targets):
+    error = tf.reduce_mean(tf.square(outputs["output"] - targets["output"]))
+    if error > 1.0:  # a Python `if` on a tensor: autograph turns it into a tf.cond
+        return {"mse": error, "big": tf.ones(())}
+    return {"mse": error, "big": tf.zeros(())}
+
+
+class _Gated:  # the same, as a callable object
+    def __call__(self, outputs, targets):
+        return _gated(outputs, targets)
+
+
+@pytest.mark.parametrize("loss", [_gated, _Gated()], ids=["function", "callable object"])
+def test_a_loss_with_python_control_flow_on_tensors_runs_in_the_compiled_step(loss):
+    """The compiled blocks are traced without autograph (converting tapeloop's own code cost ~3 s at a process's
+    first fit); a user's loss is converted alone, so its `if` on a tensor still works — as it does eagerly."""
+    x, y = helpers.small_data()
+    histories = []
+    for eager in (False, True):
+        trainer = Trainer(helpers.small_model(dropout=0.0), optimizer=keras.optimizers.SGD(0.05), loss=loss,
+                          run_eagerly=eager)  # fmt: skip
+        histories.append(trainer.fit((x, y), batch_size=11, epochs=3, shuffle=False, progress=False).history)
+    compiled, eager = histories
+    assert compiled["big"] == eager["big"] and compiled["big"][0] > 0.0  # the branch taken per step, as eagerly
+    np.testing.assert_allclose(compiled["mse"], eager["mse"], rtol=1e-5)

@@ -1,7 +1,8 @@
 """Data adaptation: numpy arrays or a ``tf.data.Dataset`` in, validated per-epoch pipelines of batches out.
 
 Numpy input is ``(x, {name: array})`` with ``batch_size``; it is shuffled each epoch in ``fit`` with a seed derived
-from (base seed, epoch), so an epoch's order is a pure function of its number. A last partial batch is kept.
+from (base seed, epoch), so an epoch's order is a pure function of its number. A last partial batch is kept. Batches
+are gathered by index from the arrays themselves: no copy of the data is made.
 A dataset must yield ``(inputs, {name: tensor})`` batches; it is used as given.
 """
 
@@ -143,19 +144,35 @@ class Data:
             if skip_batches:
                 raise ValueError("skip_batches applies to numpy input; a dataset's iterator is checkpointed instead.")
             return self._dataset
-        arrays = self._arrays
         if self.shuffle:
             # The order is a pure function of (seed, epoch) — NumPy's, not tf.data's shuffle, whose order also
             # depends on TensorFlow's global seed — so a resumed process sees the same epoch whatever it seeded.
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-            arrays = tf.nest.map_structure(lambda a: a[order], arrays)
-        ds = tf.data.Dataset.from_tensor_slices(arrays)
-        ds = ds.skip(skip_batches * self.batch_size).batch(self.batch_size).prefetch(2)
+        else:
+            order = np.arange(self.num_examples)
+        # Indices, not data: a pass is a sequence of index batches, and each batch gathers its examples from the
+        # NumPy arrays themselves (in tf.data's thread, overlapping the training step). No copy of the data is made
+        # — tf.convert_to_tensor would take 2x the arrays and from_tensor_slices a copy per epoch — and the batches
+        # are those of slicing a permuted copy.
+        indices = tf.data.Dataset.from_tensor_slices(order[skip_batches * self.batch_size :]).batch(self.batch_size)
+        ds = indices.map(self._gather).prefetch(2)
         options = tf.data.Options()
         # A fixed prefetch without autotune: autotune can stall 9-39 s when an epoch stops early (PITFALLS.md).
         options.autotune.enabled = False
         options.deterministic = True
         return ds.with_options(options)
+
+    def _gather(self, indices: tf.Tensor) -> Any:
+        """The examples at ``indices`` (a batch), gathered by NumPy from the arrays, with their static shapes."""
+        leaves = tf.nest.flatten(self._arrays)
+
+        def take(i: np.ndarray) -> list[np.ndarray]:
+            return [leaf[i] for leaf in leaves]
+
+        gathered = tf.numpy_function(take, [indices], [tf.as_dtype(leaf.dtype) for leaf in leaves], stateful=False)
+        for tensor, leaf in zip(gathered, leaves, strict=True):
+            tensor.set_shape((None, *leaf.shape[1:]))
+        return tf.nest.pack_sequence_as(self._arrays, gathered)
 
     def first_batch(self) -> Any:
         """The first batch, for checking structure before training. Raises DataError when there is none."""

@@ -29,7 +29,7 @@ class Predictor:
         self._forward = forward
         self._strategy = strategy
         self.traces = 0
-        self._step = self._step_fn if run_eagerly else tf.function(self._step_fn)
+        self._step = self._step_fn if run_eagerly else tf.function(self._step_fn, autograph=False)
 
     def _replica(self, inputs: Any) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         outputs = self._forward(inputs, False)

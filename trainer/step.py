@@ -96,7 +96,8 @@ class Steps:
             self.consecutive = tf.Variable(0, trainable=False, name="consecutive_skips")
 
         def compiled(fn: Callable, **kwargs: Any) -> Callable:
-            return fn if run_eagerly else tf.function(fn, **kwargs)
+            # No autograph: the loops are explicit tf.while_loop/tf.cond; user losses are converted alone (objective.py)
+            return fn if run_eagerly else tf.function(fn, autograph=False, **kwargs)
 
         # XLA compiles a whole step (or micro-step) where it can: the iterator stays outside it.
         jit = {"jit_compile": True} if jit_compile else None

@@ -8,6 +8,8 @@ reader, the key and the keys that exist, instead of a bare ``KeyError``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import keras
@@ -15,7 +17,17 @@ import tensorflow as tf
 
 from trainer.errors import OWN_ERRORS, MissingKeyError, UserCodeError, describe_tensors, names
 
-__all__ = ["KeyedView", "as_output_dict", "batch_size_of", "call_reader", "given", "keyed", "output_hint", "preserved"]
+__all__ = [
+    "KeyedView",
+    "as_output_dict",
+    "batch_size_of",
+    "call_reader",
+    "given",
+    "graph_ready",
+    "keyed",
+    "output_hint",
+    "preserved",
+]
 
 
 def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[str, tf.Tensor]:
@@ -95,19 +107,40 @@ def batch_size_of(inputs: object) -> tf.Tensor:
     return tf.cast(tf.shape(first)[0], tf.float32)
 
 
+def graph_ready(fn: Callable) -> Callable:
+    """A user's loss as autograph converts it: a Python ``if``/``for`` on tensors becomes graph control flow.
+
+    The compiled blocks are traced without autograph (tapeloop's own code has no such flow, and converting it cost
+    ~3 s at every process's first fit), so user code is converted here, once and alone. Keras', TensorFlow's and
+    tapeloop's own callables are called as written (Keras 3 converts none of its code either).
+    """
+    target = fn if isinstance(fn, (types.FunctionType, types.MethodType)) else type(fn).__call__
+    if (getattr(target, "__module__", None) or "").split(".")[0] in ("keras", "tensorflow", "losses", "trainer"):
+        return fn
+    try:
+        if isinstance(fn, types.MethodType):
+            return functools.partial(tf.autograph.to_graph(fn.__func__), fn.__self__)
+        if isinstance(fn, types.FunctionType):
+            return tf.autograph.to_graph(fn)
+        return functools.partial(tf.autograph.to_graph(type(fn).__call__), fn)
+    except Exception:  # not convertible (a builtin, a C extension, a partial): called as written
+        return fn
+
+
 def call_reader(
     fn: Callable, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], *, reader: str, hint=None
 ) -> object:
     """Call a loss or metric ``fn(outputs, targets)``: a missing key is reported with context, and any other error
     it raises becomes a :class:`UserCodeError` naming ``reader`` and listing every output and target it was given."""
+    call = graph_ready(fn)  # (autograph's own cache makes this cheap after the first time)
     try:
         if not isinstance(fn, keras.layers.Layer):
-            return fn(
+            return call(
                 KeyedView(outputs, kind="output", reader=reader, hint=hint),
                 KeyedView(targets, kind="target", reader=reader),
             )
         # Keras layers accept only plain nested structures as positional arguments: pass dicts.
-        return fn(dict(outputs), dict(targets))
+        return call(dict(outputs), dict(targets))
     except OWN_ERRORS:
         raise
     except KeyError as err:  # a Layer's dict lookup
