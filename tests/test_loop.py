@@ -145,6 +145,28 @@ def test_numpy_input_is_shuffled_each_epoch_with_all_examples_and_a_kept_partial
     assert [b[0].numpy().ravel().tolist() for b in again.dataset(1)] == epochs[1]
 
 
+def test_large_numpy_input_gathered_by_index_gives_the_same_batches_as_a_permuted_copy(monkeypatch):
+    """Above COPY_LIMIT bytes, batches are gathered from the arrays by index (no copy of the data): the same batches,
+    structure, dtypes and static shapes as slicing a permuted copy, from any resume point."""
+    import trainer.data
+
+    rng = np.random.default_rng(0)
+    source = ({"a": rng.normal(size=(23, 3)).astype("float32"), "b": rng.integers(0, 9, (23, 2, 2))},
+              {"output": rng.normal(size=(23, 1)).astype("float32")})  # fmt: skip
+
+    def batches(limit, epoch, skip):
+        monkeypatch.setattr(trainer.data, "COPY_LIMIT", limit)
+        data = Data(source, what="training data", batch_size=4, shuffle=True, seed=3)
+        dataset = data.dataset(epoch, skip_batches=skip)
+        return dataset.element_spec, [tf.nest.map_structure(lambda t: t.numpy(), b) for b in dataset]
+
+    for epoch, skip in ((0, 0), (2, 3)):
+        (copy_spec, copied), (index_spec, gathered) = batches(2**40, epoch, skip), batches(0, epoch, skip)
+        assert copy_spec == index_spec and len(copied) == len(gathered) == 6 - skip
+        for a, b in zip(copied, gathered, strict=True):
+            tf.nest.map_structure(np.testing.assert_array_equal, a, b)
+
+
 def test_same_seed_same_weights_different_seed_different_weights():
     data = helpers.example1_data(40)
     model = helpers.example1()
