@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
+
+from tests.test_cli import _events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,15 +71,6 @@ def _main():
     from tests.test_cli import _cli
 
     return _cli().main
-
-
-def _events(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    found: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
-    return found
 
 
 def test_a_task_with_parameters_callbacks_options_and_pictures_from_the_command_line(tmp_path, capsys):
