@@ -142,10 +142,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--large-numpy", type=float, default=1.5, metavar="GB",
                         help="size of x in the large-numpy row (GB of float32; 0 skips the row)")  # fmt: skip
     parser.add_argument("--only", choices=("large-numpy", "first-epoch"), help="run only this row")
+    parser.add_argument("--scaling", type=Path, nargs="?", const=Path("scaling.png"), metavar="PNG",
+                        help="measure steps/s along each axis of scripts/bench_scaling.py; plot to PNG")  # fmt: skip
+    parser.add_argument("--scaling-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--large-numpy-child", choices=("keras", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--first-epoch-child", choices=("keras", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=("vae", "seed001"), default="vae", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scaling_child:
+        from bench_scaling import child
+
+        print(json.dumps(child(args.scaling_child[0], int(args.scaling_child[1]))))
+        return {}
+    if args.scaling:
+        from bench_scaling import print_scaling, scaling
+
+        found = scaling(args.scaling)
+        print_scaling(found, args.scaling)
+        if args.json:
+            args.json.write_text(json.dumps({"scaling": found}, indent=2) + "\n")
+        return {"scaling": found}
     if args.large_numpy_child:
         print(json.dumps(large_numpy_child(args.large_numpy_child, args.large_numpy)))
         return {}
