@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> Run:
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # (probes for CUDA)
-    from trainer.task import parse_task_parameters
+    from trainer.task import parse_task_parameters, task_parameters
 
     try:
-        args.params = parse_task_parameters(module.build, args.set)
+        args.params = {**task_parameters(module.build), **parse_task_parameters(module.build, args.set)}
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     from trainer.cluster import is_chief
@@ -244,8 +244,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         TrainingInterrupted,
         WriterCallback,
     )
-    from trainer.task import task_parameters
-    from trainer.writers import format_value
+    from trainer.writers import format_value, split_validation
 
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)  # (the chief's exists: it holds the lock)
@@ -268,7 +267,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         )
     epochs = args.epochs or task.epochs
     config = {**vars(args), "task_file": str(module.__file__), "logdir": str(logdir), "epochs": epochs}
-    config.update(replicas=strategy.num_replicas_in_sync, params={**task_parameters(module.build), **args.params})
+    config.update(replicas=strategy.num_replicas_in_sync, params=args.params)
     del config["fresh"], config["set"]
     resumed = where_it_stands(config, logdir, epochs)
     if resumed:
@@ -306,7 +305,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         raise SystemExit(128 + stop.signum) from None
     # The last epoch's values exactly as history.csv holds them (validation's, when there is validation data).
     last = {key: values[-1] for key, values in history.history.items()}
-    validated = {key[len("val_") :]: value for key, value in last.items() if key.startswith("val_")}
+    validated = split_validation(last)[1]
     results = validated or last
     if task.evaluate_extra is not None:
         results.update({k: float(v) for k, v in task.evaluate_extra(trainer, task.validation).items()})

@@ -32,6 +32,7 @@ __all__ = [
     "WriterCallback",
     "format_value",
     "progress_writers",
+    "split_validation",
 ]
 
 
@@ -42,6 +43,13 @@ def format_value(value: float) -> str:
     value = float(value)
     single = np.float32(value)
     return str(single) if float(single) == value and np.isfinite(single) else repr(value)
+
+
+def split_validation(scalars: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """An epoch's logs as (training values, validation values with ``val_`` dropped)."""
+    train = {key: value for key, value in scalars.items() if not key.startswith("val_")}
+    validation = {key[len("val_") :]: value for key, value in scalars.items() if key.startswith("val_")}
+    return train, validation
 
 
 def format_scalars(scalars: Mapping[str, float]) -> str:
@@ -183,7 +191,6 @@ class ProgressWriter(Writer):
 
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
         if self._bar is not None:
-            self._bar.refresh()
             self._bar.close()
             self._bar = None
             print("  " + wrap_line(format_scalars(scalars), self._columns() - 2), file=self.stream)
@@ -247,8 +254,6 @@ class TensorBoardWriter(Writer):
     written again, so every point appears once.
     """
 
-    RUNS = ("train", "validation")
-
     def __init__(self, logdir: str | os.PathLike, every_n_steps: int | None = None) -> None:
         self.logdir = os.fspath(logdir)
         self.every = Every(every_n_steps)
@@ -286,8 +291,7 @@ class TensorBoardWriter(Writer):
         self._last_step = step
 
     def write_epoch(self, epoch: int, scalars: Mapping[str, float]) -> None:
-        train = {key: value for key, value in scalars.items() if not key.startswith("val_")}
-        validation = {key[len("val_") :]: value for key, value in scalars.items() if key.startswith("val_")}
+        train, validation = split_validation(scalars)
         self._write("train", "epoch", epoch, train)
         self._write("validation", "epoch", epoch, validation)
         for writer in self._writers.values():
