@@ -1,6 +1,7 @@
 """Benchmark: tapeloop's Trainer against a minimal hand-written GradientTape loop and keras.Model.fit.
 
-    python scripts/bench.py [--repeats N] [--json PATH] [--large-numpy GB] [--only large-numpy|first-epoch]
+    python scripts/bench.py [--repeats N] [--json PATH] [--large-numpy GB]
+                            [--only large-numpy|first-epoch|aggregators]
 
 Same model, data and optimizer in one process; warm-up (tracing) excluded; each figure is the best of ``--repeats``
 timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
@@ -8,6 +9,7 @@ timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
   (b) compute-bound: MLP 100 -> 256 -> 256 -> heads, batch 256
   (c) logging cost: workload (a) with a loss returning 1 vs 20 named components
   (d) the detection task's SSD, batch 32
+  (e) multi-task aggregators: the step cost of each against the plain step, m = 2 and 8 (bench_aggregators.py)
 plus the cost of log_grad_norms, retraces after the first epoch and resident memory over 20 epochs; and, each run
 in a fresh process (scripts/bench_fresh.py), the first epoch against Model.fit's (a VAE on 1,500 digits and the
 seed-001 model) and large NumPy input (default 1.5 GB: time and peak memory). Targets are printed as ratios.
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tasks"))
 from trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_aggregators import aggregator_costs, print_aggregators
 from bench_fresh import (
     first_epoch,
     first_epoch_child,
@@ -141,7 +144,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--large-numpy", type=float, default=1.5, metavar="GB",
                         help="size of x in the large-numpy row (GB of float32; 0 skips the row)")  # fmt: skip
-    parser.add_argument("--only", choices=("large-numpy", "first-epoch"), help="run only this row")
+    parser.add_argument("--only", choices=("large-numpy", "first-epoch", "aggregators"), help="run only this row")
     parser.add_argument("--scaling", type=Path, nargs="?", const=Path("scaling.png"), metavar="PNG",
                         help="measure steps/s along each axis of scripts/bench_scaling.py; plot to PNG")  # fmt: skip
     parser.add_argument("--scaling-child", nargs=2, help=argparse.SUPPRESS)
@@ -171,6 +174,10 @@ def main(argv=None) -> dict:
     if args.only == "large-numpy":
         report = {"large_numpy": large_numpy(args.large_numpy)}
         print_large(report["large_numpy"])
+        return report
+    if args.only == "aggregators":
+        report = {"aggregators": aggregator_costs(best_rates, args.repeats)}
+        print_aggregators(report["aggregators"])
         return report
     if args.only == "first-epoch":
         report = {"first_epoch": first_epoch()}
@@ -242,6 +249,7 @@ def main(argv=None) -> dict:
         "rss_growth_mb_over_20_epochs": growth,
         "seconds": time.perf_counter() - started,
     }
+    report["aggregators"] = aggregator_costs(best_rates, args.repeats)
     report["first_epoch"] = first_epoch()
     if args.large_numpy > 0:
         report["large_numpy"] = large_numpy(args.large_numpy)
@@ -270,6 +278,7 @@ def print_report(report: dict) -> None:
     print(f"retraces after the first epochs (partial batch + validation): {report['retraces_after_first_epochs']}")
     print(f"resident memory growth over 20 epochs: {report['rss_growth_mb_over_20_epochs']:.1f} MB")
     print(f"(steps/s, best of repeats; bench took {report['seconds']:.0f} s)")
+    print_aggregators(report["aggregators"])
     print_first(report["first_epoch"])
     if "large_numpy" in report:
         print_large(report["large_numpy"])

@@ -16,7 +16,8 @@ from pathlib import Path
 
 __all__ = ["IDENTITY", "LOCK", "PARTS", "check_logdir", "locked", "move_aside", "where_it_stands"]
 
-IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas", "params")  # what a rerun may not change
+# What a rerun may not change:
+IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas", "params", "aggregator")
 PARTS = ("history.csv", "metrics.json", "config.json", "loss_curves.png", "final.weights.h5", "checkpoints",
          "tensorboard")  # fmt: skip
 LOCK = ".lock"

@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training steps per compiled call, or 'auto' (default: the task's, else auto: grown until one call "
         "takes ~50 ms)",
     )
+    add(
+        "--aggregator",
+        metavar="NAME",
+        help="multi-task balancing: upgrad, mgda, pcgrad, imtlg, cagrad, dualproj, "
+        "alignedmtl, mean, sum, or a loss weighting: gradnorm, dwa (default: the task's, else the weighted sum)",
+    )
     add("--strategy", choices=STRATEGIES, default="default", help="tf.distribute strategy")
     add("--no-progress", action="store_true", help="no progress bar: one line per epoch on stdout instead")
     return parser.parse_args(argv)
@@ -214,6 +220,10 @@ def main(argv: list[str] | None = None) -> Run:
 
     try:
         args.params = {**task_parameters(module.build), **parse_task_parameters(module.build, args.set)}
+        if args.aggregator is not None:
+            from losses.aggregators import resolve
+
+            resolve(args.aggregator)  # an unknown name fails now, naming the known ones
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     from trainer.cluster import is_chief
@@ -255,6 +265,8 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
         options = {"steps_per_execution": "auto", **task.trainer_options}
         if args.steps_per_execution is not None:  # the command line wins over the task
             options["steps_per_execution"] = args.steps_per_execution
+        if args.aggregator is not None:
+            options["aggregator"] = args.aggregator
         trainer = Trainer(
             task.model,
             optimizer=task.optimizer,

@@ -176,7 +176,7 @@ def test_mirrored_strategy_flag_trains_on_two_replicas_like_one_device(task_file
     [
         (
             ["--task", "nosuch"],
-            "unknown task 'nosuch': not a built-in task \\(combined, detection, digits, multitask\\)",
+            "unknown task 'nosuch': not a built-in task \\(balancing, combined, detection, digits, multitask\\)",
         ),
         (["--strategy", "multiworker"], "--strategy multiworker needs --logdir"),
         (["--strategy", "multiworker", "--logdir", "x"], "--strategy multiworker needs TF_CONFIG"),

@@ -140,10 +140,31 @@ def test_built_in_tasks_expose_learning_rate_and_loss_weights():
         "multitask": {"learning_rate": 1e-3, "regression_weight": 1.0, "classification_weight": 1.0},
         "combined": {"learning_rate": 1e-3, "bce_weight": 0.5, "mse_weight": 0.5},
         "digits": {"learning_rate": 2e-3, "ce_weight": 1.0, "recon_weight": 1.0, "agreement_weight": 1.0},
+        "balancing": {"learning_rate": 1e-3, "regression_weight": 1.0, "classification_weight": 1.0},
     }
     for name, parameters in expected.items():
         found = task_parameters(load_task(name).build)
         assert {key: found[key] for key in parameters} == parameters, name
+
+
+def test_the_balancing_task_with_an_aggregator_from_the_command_line(tmp_path):
+    main, logdir = _main(), tmp_path / "run"
+    common = ["--task", "balancing", "--logdir", str(logdir), "--no-progress"]
+    run = main([*common, "--aggregator", "UPGrad", "--epochs", "1"])
+    rows = list(csv.DictReader((logdir / "history.csv").open()))
+    assert {"agg_weight/regression", "agg_weight/classification", "conflict/regression|classification"} <= set(rows[0])
+    assert 0 < run.history["conflict/regression|classification"][0] < 1  # the task's gradients do conflict
+    # UPGrad for 2 rows: w = (1 - c/|g1|², 1 - c/|g2|²)/2 when c = <g1, g2> < 0: the 1000x larger regression
+    # gradient keeps ~1/2, the classification's weight grows where they conflict.
+    assert run.history["agg_weight/regression"][0] == pytest.approx(0.5, abs=1e-3)
+    assert run.history["agg_weight/classification"][0] > 1.0
+    assert json.loads((logdir / "config.json").read_text())["aggregator"] == "UPGrad"
+    with pytest.raises(SystemExit, match=r"aggregator: 'UPGrad' -> 'mgda'.*--fresh"):
+        main([*common, "--aggregator", "mgda", "--epochs", "2"])
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit, match=r"Unknown aggregator 'upgrd'.*'upgrad'.*'gradnorm', 'dwa'"):
+        main(["--task", "balancing", "--aggregator", "upgrd", "--logdir", str(other)])
+    assert not other.exists()
 
 
 def _terminal(columns: int):

@@ -111,6 +111,19 @@ def test_a_loss_reading_two_outputs(n):
     _compare(helpers.example1, lambda: Recorder(two_output_loss), helpers.example1_data(n))
 
 
+@pytest.mark.parametrize("aggregator", ["upgrad", "pcgrad", "gradnorm"])
+def test_aggregators_see_the_gradients_summed_over_replicas(aggregator):
+    """The aggregators are not linear: each component's gradient is summed over the replicas first, so 2 replicas
+    give one device's direction (PCGrad's orders come from the seed and the step, the same on both)."""
+    _compare(
+        helpers.example1,
+        lambda: Recorder(two_output_loss),
+        helpers.example1_data(87),
+        aggregator=aggregator,
+        seed=5,
+    )
+
+
 def test_global_clipnorm_clips_the_summed_gradient():
     """Keras clips each replica's gradient before the sum; tapeloop sums first, as one device would."""
     _compare(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +36,22 @@ INEXACT_AT_EPOCH_ENDS = (
 )
 
 
+_SERIALIZABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> bool
+
+
 def serializable(dataset: tf.data.Dataset) -> bool:
     """Whether an iterator over ``dataset`` can go into a checkpoint: not with Python state inside it
-    (``from_generator``, ``py_function``), which tf.data refuses to save. Tried on a fresh, unstarted iterator."""
-    with tempfile.TemporaryDirectory() as directory:
-        try:
-            tf.train.Checkpoint(iterator=iter(dataset)).write(os.path.join(directory, "probe"))
-        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
-            return False
-    return True
+    (``from_generator``, ``py_function``), which tf.data refuses to save. Tried once per dataset, on a fresh,
+    unstarted iterator, checkpointing or not (the probe makes an iterator: a reshuffling dataset must see the same
+    orders either way)."""
+    if dataset not in _SERIALIZABLE:
+        with tempfile.TemporaryDirectory() as directory:
+            try:
+                tf.train.Checkpoint(iterator=iter(dataset)).write(os.path.join(directory, "probe"))
+                _SERIALIZABLE[dataset] = True
+            except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError):
+                _SERIALIZABLE[dataset] = False
+    return _SERIALIZABLE[dataset]
 
 
 @dataclass

@@ -33,7 +33,8 @@ class Task:
             (``LossWeightSchedule``). They run before the run directory's writers, so keys they add to the epoch's
             logs reach the History, CSV, TensorBoard and the plot.
         trainer_options: further ``Trainer`` keyword arguments (``steps_per_execution``, ``nan_policy``,
-            ``gradient_accumulation_steps``, ...); ``--steps-per-execution`` on the command line wins over this one.
+            ``gradient_accumulation_steps``, ``aggregator``, ...); ``--steps-per-execution`` and ``--aggregator`` on
+            the command line win over these.
         pictures: ``(trainer, validation) -> {name: matplotlib Figure}``, saved as ``<name>.png`` in the run
             directory at the end of training (e.g. the detection task's ``detections.png``).
     """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +17,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from losses.aggregators import Aggregator, resolve
+from losses.weighting import LossWeighting
+from trainer.balance import EpochWeighting, make_balance
 from trainer.callbacks import CallbackList, History, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
@@ -76,6 +78,9 @@ class Trainer:
             update of one batch of k·b for losses that are means over examples. A "step" is one update.
         log_grad_norms: log ``grad_norm/<component key>``: the norm of each weighted component's gradient over the
             variables shared by more than one component (all variables when none is shared); epoch means.
+        aggregator: multi-task balancing (README): an aggregator of the components' gradients over the shared
+            variables (``"upgrad"``, ``losses.MGDA()``, ...; logs ``agg_weight/<key>``, ``conflict/<a>|<b>``) or a
+            loss weighting (``"gradnorm"``, ``losses.DWA(2.0)``; logs ``loss_weight/<key>``). None: the sum.
 
     Raises:
         ValueError, TypeError: an option is invalid; the message quotes it.
@@ -98,6 +103,7 @@ class Trainer:
         max_consecutive_skips: int = 10,
         gradient_accumulation_steps: int = 1,
         log_grad_norms: bool = False,
+        aggregator: str | Aggregator | LossWeighting | None = None,
     ) -> None:
         self._call = ModelCall(model)  # checks that the model is callable
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
@@ -106,20 +112,18 @@ class Trainer:
         self.nan_policy = choice("nan_policy", nan_policy, NAN_POLICIES)
         self.max_consecutive_skips = positive_int("max_consecutive_skips", max_consecutive_skips)
         self.gradient_accumulation_steps = positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
-        self.log_grad_norms = log_grad_norms
-        self.model = model
+        self.log_grad_norms, self.model = log_grad_norms, model
+        self.aggregator, self.loss_weighting = resolve(aggregator)
         self.steps_per_execution = resolve_steps_per_execution(steps_per_execution)
-        self.jit_compile = jit_compile
-        self.run_eagerly = run_eagerly
+        self.jit_compile, self.run_eagerly = jit_compile, run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
             self.optimizer = make_optimizer(optimizer)
         self._objective = Objective(loss, loss_weights)
         self._metrics = MetricSpec(metrics)
-        self._seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
+        self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._names: list[str] | None = None  # the model's output names, once known
-        self._saveables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset -> iterator saveable
         self._predictor: Predictor | None = None
 
     # -- public state ---------------------------------------------------------------------------------------------
@@ -169,6 +173,7 @@ class Trainer:
             "optimizer": list(self.optimizer.variables),
             "losses": self._objective.trainable_variables(),
             "loss_weights": dict(self._objective.weights),
+            "loss_weighting": list(getattr(self.loss_weighting, "variables", [])),
             **self._runner.trackables(),
         }
         if isinstance(self.model, (tf.Module, keras.layers.Layer)):
@@ -206,8 +211,9 @@ class Trainer:
             clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
             if clash or len(set(mean_keys)) != len(mean_keys):
                 raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
-            norms = [f"grad_norm/{key}" for key in self._objective.keys] if self.log_grad_norms else []
-            trackers = {mode: Tracker(mean_keys, per_mode[mode], norms * (mode == "train")) for mode in per_mode}
+            balance = make_balance(self, self._objective.keys)  # None: the plain weighted sum
+            stats = balance.step_keys() if balance else []
+            trackers = {mode: Tracker(mean_keys, per_mode[mode], stats * (mode == "train")) for mode in per_mode}
             variables = self.trainable_variables
             self.optimizer.build(variables)
             math = StepMath(
@@ -219,7 +225,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 variables=variables,
                 strategy=self.strategy,
-                log_grad_norms=self.log_grad_norms,
+                balance=balance,
                 output_hint=self._call.hint,
             )
             steps = Steps(
@@ -306,7 +312,7 @@ class Trainer:
             batch_size=batch_size,
             validation_batch_size=validation_batch_size,
             shuffle=shuffle,
-            seed=self._seed,
+            seed=self.seed,
             output_names=self._output_names,
         )
         if data.infinite and steps_per_epoch is None:
@@ -323,7 +329,7 @@ class Trainer:
             chief, every = is_chief(self.strategy), checkpoint_every
             checkpointer = Checkpointer(checkpoint_dir, self.checkpoint_state(), every_n_steps=every, chief=chief)
         history = History()
-        saveable = not data.is_dataset or self._saveable(data.dataset())
+        saveable = not data.is_dataset or serializable(data.dataset())
         epochs_runner = EpochRunner(runner, data, steps_per_epoch, self.gradient_accumulation_steps, saveable=saveable)
         if checkpointer is not None and not epochs_runner.exact_at_epoch_ends:
             warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
@@ -331,7 +337,8 @@ class Trainer:
         params = {"epochs": epochs, "steps": epochs_runner.steps, "verbose": level}
         model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
         writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
-        callbacks = CallbackList([*callbacks, history, *writers], model=model, params=params)
+        weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
+        callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
@@ -342,13 +349,6 @@ class Trainer:
             callbacks.teardown()
             loop.close()
         return history
-
-    def _saveable(self, dataset: tf.data.Dataset) -> bool:
-        """Can its iterators be checkpointed? Probed once per dataset, checkpointing or not (the probe makes an
-        iterator: a reshuffling dataset must see the same orders either way)."""
-        if dataset not in self._saveables:
-            self._saveables[dataset] = serializable(dataset)
-        return self._saveables[dataset]
 
     def _output_names(self, inputs: Any) -> list[str]:
         """The model's output names, from one eager forward pass that changes no state (cached)."""

@@ -19,8 +19,9 @@ import keras
 import tensorflow as tf
 
 from losses import replica_share
+from trainer.balance import Balance
 from trainer.metrics import MetricSpec
-from trainer.objective import TOTAL, Objective
+from trainer.objective import REGULARIZATION, TOTAL, Objective
 from trainer.structure import batch_size_of
 from trainer.tracking import Tracker
 
@@ -30,13 +31,13 @@ SUM = tf.distribute.ReduceOp.SUM
 
 
 class Micro(NamedTuple):
-    """One (micro-)batch over all replicas: flags, global-mean values, summed gradients, example count, norms."""
+    """One (micro-)batch over all replicas: flags, global-mean values, summed gradients, example count."""
 
     finite: tf.Tensor  # (keys,) bool
     values: tf.Tensor  # (keys,) float32: global batch means
     grads: list[tf.Tensor | None]  # per trainable variable: gradient of the global mean (None: not connected)
     examples: tf.Tensor  # float32: examples in the global (micro-)batch
-    norms: tf.Tensor | None  # (components,) per-component gradient norms (log_grad_norms)
+    components: list[list[tf.Tensor]]  # (balancing) per component: its gradient of each shared variable
 
 
 class StepMath:
@@ -51,7 +52,7 @@ class StepMath:
         optimizer: a built Keras optimizer (a ``LossScaleOptimizer`` under ``mixed_float16``).
         variables: the trainable variables.
         strategy: the strategy everything was created under.
-        log_grad_norms: also compute each weighted component's gradient norm.
+        balance: the multi-task balancing (aggregator, loss weighting, per-component statistics), or None.
         output_hint: extra text for a missing output name.
     """
 
@@ -66,7 +67,7 @@ class StepMath:
         optimizer: keras.optimizers.Optimizer,
         variables: list[tf.Variable],
         strategy: tf.distribute.Strategy,
-        log_grad_norms: bool = False,
+        balance: Balance | None = None,
         output_hint: Callable[[str], str] | None = None,
     ) -> None:
         self._forward = forward
@@ -79,9 +80,10 @@ class StepMath:
         self.strategy = strategy
         self._replicas = strategy.num_replicas_in_sync
         self._hint = output_hint
-        self.log_grad_norms = log_grad_norms
+        self.balance = balance
+        self._jacobian = balance is not None and balance.jacobian
         self.loss_keys = objective.logged_keys()  # order of the flags and values
-        self.norm_keys = list(objective.keys) if log_grad_norms else []  # the weighted components
+        self.step_keys = balance.step_keys() if balance is not None else []  # per-step statistics
 
     # -- on each replica ------------------------------------------------------------------------------------------
 
@@ -96,6 +98,8 @@ class StepMath:
         outputs = self._forward(inputs, training)
         parts = self._objective.components(outputs, targets, self._regularization(), self._hint)
         parts = self._empty_is_zero(inputs, parts)
+        factors = None if self.balance is None else self.balance.factors(self._objective.keys)
+        weights = weights if factors is None else weights * factors  # a loss weighting's factors (GradNorm, DWA)
         total = self._objective.total(parts, weights)
         return outputs, parts, {**parts, TOTAL: total}
 
@@ -106,30 +110,25 @@ class StepMath:
         tracker.update_means(values, batch_size_of(inputs))
         self._metrics.update(tracker.metrics, outputs, targets)
 
-    def _component_grads(self, tape, terms: list[tf.Tensor]) -> list[list[tf.Tensor]]:
-        """Each weighted component's gradient over the variables shared by more than one component (all variables
-        when none is shared), None replaced by zeros."""
-        per_key = [tape.gradient(term, self.variables) for term in terms]
-        users = [sum(g[j] is not None for g in per_key) for j in range(len(self.variables))]
-        shared = [j for j, n in enumerate(users) if n > 1] or [j for j, n in enumerate(users) if n > 0]
-        return [[g[j] if g[j] is not None else tf.zeros_like(self.variables[j]) for j in shared] for g in per_key]
-
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
         share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
-        with tf.GradientTape(persistent=self.log_grad_norms) as tape:
+        with tf.GradientTape(persistent=self._jacobian) as tape:
             outputs, parts, values = self._losses(inputs, targets, training=True, weights=weights)
             # The one distribution scaling: loss × b/B, gradients summed over replicas.
             objective = values[TOTAL] if share is None else values[TOTAL] * share
             scaled = self.optimizer.scale_loss(objective)  # identity unless loss scaling is on
-            terms = []  # each weighted component, × b/B like the total (unscaled: norms need no loss scale)
-            if self.log_grad_norms:
-                terms = [weights[i] * parts[key] for i, key in enumerate(self._objective.keys)]
-                terms = terms if share is None else [term * share for term in terms]
-        grads = tape.gradient(scaled, self.variables)
-        if all(g is None for g in grads):
+            if self._jacobian:  # each weighted component alone, scaled like the total
+                keys, factors = self._objective.keys, self.balance.factors(self._objective.keys)
+                weighted = (weights if factors is None else weights * factors) * (1.0 if share is None else share)
+                term = {k: self.optimizer.scale_loss(weighted[i] * parts[k]) for i, k in enumerate(keys)}
+        if self._jacobian:
+            terms = [term[key] for key in self.balance.keys]
+            grads, components = self.balance.replica_gradients(tape, terms, term.get(REGULARIZATION), self.variables)
+        else:
+            grads, components = tape.gradient(scaled, self.variables), []
+        if all(g is None for g in grads) and not any(components):
             raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
-        component_grads = self._component_grads(tape, terms) if self.log_grad_norms else []
         stacked = tf.stack([values[k] for k in self.loss_keys])  # every value is a scalar: one check for all
         finite = tf.math.is_finite(stacked)
 
@@ -140,7 +139,7 @@ class StepMath:
         tf.cond(tf.reduce_all(finite), observe, lambda: tf.constant(False))  # a skipped step is not tracked
         bad = tf.cast(tf.logical_not(finite), tf.int32)
         values = stacked if share is None else stacked * share
-        return bad, values, grads, batch_size_of(inputs), component_grads
+        return bad, values, grads, batch_size_of(inputs), components
 
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
@@ -158,26 +157,32 @@ class StepMath:
 
     def micro(self, batch: Any, weights: tf.Tensor) -> Micro:
         """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled."""
-        bad, values, grads, examples, component_grads = self.strategy.run(self._train_replica, args=(batch, weights))
-        norms = None
-        if self.log_grad_norms:
-            norms = tf.stack([tf.linalg.global_norm([self._sum(g) for g in per_key]) for per_key in component_grads])
+        bad, values, grads, examples, components = self.strategy.run(self._train_replica, args=(batch, weights))
         return Micro(
             finite=tf.equal(self._sum(bad), 0),
             values=self._sum(values),  # each replica's values are × b/B: the sum is the global mean
             grads=[None if g is None else self._sum(g) for g in grads],
             examples=self._sum(examples),
-            norms=norms,
+            components=[[self._sum(g) for g in per_key] for per_key in components],
         )
 
-    def apply(self, grads: list[tf.Tensor | None], finite: tf.Tensor, norms: tf.Tensor | None) -> None:
-        """The one guarded update: nothing changes when a loss component is non-finite."""
+    def apply(self, grads: list[tf.Tensor | None], components: list[list[tf.Tensor]], values: tf.Tensor,
+              finite: tf.Tensor) -> None:  # fmt: skip
+        """The one guarded update: nothing changes when a loss component is non-finite.
+
+        With balancing, the components' gradients of the shared variables are aggregated into ``grads`` first
+        (``values``: the step's global means in ``loss_keys`` order, for GradNorm).
+        """
+        after = None
+        if self.balance is not None:
+            own = tf.stack([values[self.loss_keys.index(key)] for key in self.balance.keys])
+            grads, _, after = self.balance.combine(grads, components, own)
         pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
 
         def update() -> tf.Tensor:
             self.optimizer.apply_gradients(pairs)  # a LossScaleOptimizer unscales (and skips on overflow)
-            if norms is not None:
-                self.trackers["train"].update_step_means(norms)
+            if after is not None:
+                after(self.trackers["train"].update_step_means)
             return tf.constant(True)
 
         tf.cond(tf.reduce_all(finite), update, lambda: tf.constant(False))
@@ -185,7 +190,7 @@ class StepMath:
     def train(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One step on one batch: returns (finite flags, values)."""
         micro = self.micro(batch, weights)
-        self.apply(micro.grads, micro.finite, micro.norms)
+        self.apply(micro.grads, micro.components, micro.values, micro.finite)
         return micro.finite, micro.values
 
     def evaluate(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -203,28 +208,39 @@ class StepMath:
         connected: list[bool] = []  # filled while the loop body is traced: which variables get a gradient
         n = len(self.loss_keys)
         zero_grads = [tf.zeros_like(v) for v in self.variables]
-        zero_norms = tf.zeros([len(self.norm_keys)], tf.float32)
+        # Balancing: each component's gradient is summed over the micro-batches (every variable is carried; only
+        # the shared ones, known once the body is traced, are added to) and aggregated once, at the update.
+        m = len(self.balance.keys) if self._jacobian else 0
+        zero_components = [[tf.zeros_like(v) for v in self.variables] for _ in range(m)]
 
-        def body(j, more, examples, bad, values, norms, grads):
+        def body(j, more, examples, bad, values, grads, components):
             def run(get):
                 step = micro(get(), weights)
                 if not connected:
                     connected.extend(g is not None for g in step.grads)
                 count = step.examples
                 summed = [a if g is None else a + g * count for a, g in zip(grads, step.grads)]
-                new_norms = norms if step.norms is None else norms + step.norms * count
+                added = [list(per_key) for per_key in components]
+                for i, per_key in enumerate(step.components):
+                    for slot, g in zip(self.balance.shared, per_key):
+                        added[i][slot] = added[i][slot] + g * count
                 still_bad = bad + tf.cast(tf.logical_not(step.finite), tf.int32)
                 return j + 1, tf.constant(True), examples + count, still_bad, values + step.values * count, \
-                    new_norms, summed  # fmt: skip
+                    summed, added  # fmt: skip
 
             has, get = pull()
-            return tf.cond(has, lambda: run(get), lambda: (j, tf.constant(False), examples, bad, values, norms, grads))
+            return tf.cond(
+                has, lambda: run(get), lambda: (j, tf.constant(False), examples, bad, values, grads, components)
+            )
 
         start = (tf.constant(0), tf.constant(True), tf.constant(0.0), tf.zeros([n], tf.int32), tf.zeros([n]))
-        j, _, examples, bad, values, norms, grads = tf.while_loop(
-            lambda j, more, *_: tf.logical_and(j < k, more), body, (*start, zero_norms, zero_grads)
+        j, _, examples, bad, values, grads, components = tf.while_loop(
+            lambda j, more, *_: tf.logical_and(j < k, more), body, (*start, zero_grads, zero_components)
         )
         grads = [tf.math.divide_no_nan(g, examples) if c else None for g, c in zip(grads, connected)]
+        shared = self.balance.shared if self._jacobian else []
+        components = [[tf.math.divide_no_nan(per_key[slot], examples) for slot in shared] for per_key in components]
         finite = tf.equal(bad, 0)
-        self.apply(grads, tf.logical_and(tf.reduce_all(finite), j > 0), norms / examples if self.norm_keys else None)
-        return j > 0, finite, tf.math.divide_no_nan(values, examples)
+        values = tf.math.divide_no_nan(values, examples)
+        self.apply(grads, components, values, tf.logical_and(tf.reduce_all(finite), j > 0))
+        return j > 0, finite, values

@@ -1,0 +1,67 @@
+"""bench.py's multi-task row: the step cost of each aggregator against the plain step (issue 18).
+
+A shared trunk 100 -> 256 -> 256 and m one-unit heads (m = 2 and 8), each head's MSE a component; batch 32, SGD,
+the Trainer's defaults otherwise. ``plain`` is ``aggregator=None`` (the weighted sum: one backward pass, no
+Jacobian); every other row builds the m gradients of the trunk, their Gramian and solves its problem in the step.
+Targets: <= 1.5x the plain step for m = 2, <= 5x for m = 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from losses.aggregators import AGGREGATORS, WEIGHTINGS
+from trainer import Trainer
+
+STEPS = 400
+TARGETS = {2: 1.5, 8: 5.0}
+
+
+def trunk_model(m: int) -> keras.Model:
+    inp = keras.Input((100,))
+    x = keras.layers.Dense(256, activation="relu")(inp)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    return keras.Model(inp, {f"task{i}": keras.layers.Dense(1, name=f"task{i}")(x) for i in range(m)})
+
+
+def heads_loss(m: int) -> Callable:
+    def loss(outputs, targets):
+        return {f"task{i}": tf.reduce_mean(tf.square(outputs[f"task{i}"] - targets[f"task{i}"])) for i in range(m)}
+
+    return loss
+
+
+def aggregator_costs(best_rates: Callable, repeats: int) -> dict:
+    """{m: {aggregator: steps/s}} and the ratios to the plain step."""
+    found: dict = {}
+    rng = np.random.default_rng(0)
+    names = ["plain", *[n for n in AGGREGATORS if n != "sum"], *WEIGHTINGS]
+    for m in TARGETS:
+        x = rng.random((32 * STEPS, 100), dtype=np.float32)
+        y = {f"task{i}": rng.random((32 * STEPS, 1), dtype=np.float32) for i in range(m)}
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).cache().prefetch(4)
+        runs = {}
+        for name in names:
+            keras.utils.set_random_seed(0)
+            trainer = Trainer(trunk_model(m), optimizer=keras.optimizers.SGD(1e-3), loss=heads_loss(m),
+                              aggregator=None if name == "plain" else name)  # fmt: skip
+            runs[name] = lambda t=trainer, d=data: t.fit(d, epochs=1, progress=False)
+        rates = best_rates(runs, STEPS, repeats)
+        found[m] = {name: {"steps_per_s": rate, "cost": rates["plain"] / rate} for name, rate in rates.items()}
+    return found
+
+
+def print_aggregators(found: dict) -> None:
+    print("\nmulti-task aggregators (2x256 trunk, batch 32, SGD): step cost against the plain step")
+    names = list(next(iter(found.values())))
+    print(f"{'aggregator':<12}" + "".join(f"{f'm={m} steps/s':>14}{'cost':>7}" for m in found))
+    for name in names:
+        cells = "".join(f"{found[m][name]['steps_per_s']:>14.0f}{found[m][name]['cost']:>6.2f}x" for m in found)
+        print(f"{name:<12}{cells}")
+    for m, target in TARGETS.items():
+        worst = max(v["cost"] for n, v in found[m].items() if n != "plain")
+        print(f"m={m}: worst {worst:.2f}x (target <= {target}x)")

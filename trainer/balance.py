@@ -1,0 +1,207 @@
+"""Multi-task balancing inside the step: per-component gradients of the shared variables, their Gramian, the
+aggregated direction and the statistics logged per step.
+
+Without an aggregator (``Sum``), a loss weighting that needs no gradient (DWA) and ``log_grad_norms``, none of this
+runs: the step differentiates the weighted total once. Otherwise each replica differentiates every weighted
+component separately (one persistent tape); a variable that more than one component uses is *shared* and keeps the
+m gradients, any other variable gets the sum (in practice: its one component's gradient). ``model.losses`` is an
+ordinary term added to every variable's gradient. The m gradients are summed over replicas and over the
+micro-batches of an accumulated step *before* :meth:`Balance.combine` aggregates them: the aggregators are not
+linear, so R replicas or k micro-batches give the one-device, one-batch direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from itertools import combinations
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from losses.aggregators import Aggregator, Sum
+from losses.weighting import LossWeighting
+from trainer.objective import REGULARIZATION
+
+__all__ = ["Balance", "EpochWeighting", "make_balance"]
+
+
+class Balance:
+    """What the step needs to aggregate the components' gradients.
+
+    Args:
+        aggregator: the :class:`~losses.aggregators.Aggregator` (``Sum`` when a loss weighting is used).
+        weighting: a :class:`~losses.weighting.LossWeighting` (GradNorm, DWA) or None.
+        keys: the aggregated component keys (every weighted component but ``regularization``), in weight order.
+        log_grad_norms: also log each component's gradient norm over the shared variables.
+        seed: returns the step's seed (2 ints) for randomised aggregators (PCGrad).
+        loss_scale: returns the optimizer's loss scale (1 without mixed precision).
+        loss_scaled: the optimizer is a ``LossScaleOptimizer`` (statistics then skip the steps it skips).
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        weighting: LossWeighting | None,
+        keys: Sequence[str],
+        *,
+        log_grad_norms: bool,
+        seed: Callable[[], tf.Tensor],
+        loss_scale: Callable[[], tf.Tensor],
+        loss_scaled: bool = False,
+    ) -> None:
+        self.aggregator = aggregator
+        self.weighting = weighting
+        self.keys = list(keys)
+        self.log_grad_norms = log_grad_norms
+        self._seed = seed
+        self._loss_scale = loss_scale
+        self._loss_scaled = loss_scaled  # a LossScaleOptimizer: it skips steps whose gradients overflow
+        self._aggregates = not isinstance(aggregator, Sum)
+        needs = weighting is not None and weighting.needs_jacobian
+        self.jacobian = self._aggregates or log_grad_norms or needs
+        self._pairs = list(combinations(range(len(self.keys)), 2))
+        self.shared: list[int] | None = None  # indices of the shared variables, known once traced
+
+    def step_keys(self) -> list[str]:
+        """The per-step statistics :meth:`combine` returns, in order (epoch means in the logs)."""
+        keys = [f"grad_norm/{key}" for key in self.keys] if self.log_grad_norms else []
+        keys += [f"agg_weight/{key}" for key in self.keys] if self._aggregates else []
+        keys += [f"conflict/{self.keys[a]}|{self.keys[b]}" for a, b in self._pairs] if self.jacobian else []
+        keys += [f"loss_weight/{key}" for key in self.keys] if self.weighting is not None else []
+        return keys
+
+    def factors(self, all_keys: Sequence[str]) -> tf.Tensor | None:
+        """The loss weighting's factors for every component of ``all_keys`` (1 for regularization), or None."""
+        if self.weighting is None:
+            return None
+        factors = tf.convert_to_tensor(self.weighting.factors)
+        return tf.stack([factors[self.keys.index(k)] if k in self.keys else tf.constant(1.0) for k in all_keys])
+
+    # -- on each replica ------------------------------------------------------------------------------------------
+
+    def replica_gradients(
+        self, tape: tf.GradientTape, terms: Sequence[tf.Tensor], extra: tf.Tensor | None, variables: list[tf.Variable]
+    ) -> tuple[list[tf.Tensor | None], list[list[tf.Tensor]]]:
+        """(gradients of everything but the shared variables' components, the m components' shared gradients).
+
+        ``terms`` are the m weighted (and loss-scaled) components, ``extra`` the scaled regularization term.
+        The first list holds, per variable, the sum of the gradients that are not aggregated: for a shared
+        variable only ``extra``'s, for any other the sum of every term's.
+        """
+        per_key = [tape.gradient(term, variables) for term in terms]
+        rest = tape.gradient(extra, variables) if extra is not None else [None] * len(variables)
+        if self.shared is None:
+            users = [sum(g[j] is not None for g in per_key) for j in range(len(variables))]
+            shared = [j for j, n in enumerate(users) if n > 1]
+            if not shared and not self._aggregates:  # norms (log_grad_norms, GradNorm) over every used variable
+                shared = [j for j, n in enumerate(users) if n > 0]
+            self.shared = shared  # none: each variable keeps its one component's gradient
+        shared = set(self.shared)
+        grads = []
+        for j in range(len(variables)):
+            parts = [rest[j]] + ([] if j in shared else [g[j] for g in per_key])
+            parts = [p for p in parts if p is not None]
+            grads.append(tf.add_n(parts) if parts else None)
+        components = [[g[j] if g[j] is not None else tf.zeros_like(variables[j]) for j in self.shared] for g in per_key]
+        return grads, components
+
+    # -- over all replicas (cross-replica context) ----------------------------------------------------------------
+
+    def combine(
+        self, grads: list[tf.Tensor | None], components: list[list[tf.Tensor]], values: tf.Tensor | None
+    ) -> tuple[list[tf.Tensor | None], tf.Tensor, Callable[[], None]]:
+        """Aggregate the summed component gradients into ``grads``.
+
+        ``values`` are the components' unweighted global means, in ``keys`` order (for GradNorm). Returns (the
+        gradients, the step's statistics, what to run when the update is applied: GradNorm's weight update).
+        """
+        stats = []
+        m = len(self.keys)
+        gramian, finite = None, tf.constant(True)
+        factors = None if self.weighting is None else tf.convert_to_tensor(self.weighting.factors)
+        if self.jacobian:
+            # G from per-variable products in float32 (few, large ops: on a small model the op count is the cost),
+            # solved in float64. The gradients carry the loss scale (mixed precision): G is divided by its square.
+            gramian = tf.cast(gramian_of(components), tf.float64)
+            if self._loss_scaled:
+                gramian /= tf.cast(self._loss_scale(), tf.float64) ** 2
+            # Overflowed gradients (the loss scaler then skips the step): keep the solvers defined, track nothing.
+            finite = tf.reduce_all(tf.math.is_finite(gramian))
+            sums = [tf.reduce_sum(g) for g in grads if g is not None] if self._loss_scaled else []
+            finite = finite & tf.math.is_finite(tf.add_n(sums)) if sums else finite
+            gramian = tf.where(finite, gramian, tf.eye(m, dtype=tf.float64))
+            grads = list(grads)
+            weights = None
+            if self._aggregates:
+                seed = self._seed() if self.aggregator.random else None
+                weights = tf.cast(self.aggregator.weights(gramian, seed), tf.float32)
+                factor = tf.unstack(weights)
+            for slot, j in enumerate(self.shared):
+                parts = [per_key[slot] if weights is None else factor[i] * per_key[slot]
+                         for i, per_key in enumerate(components)]  # fmt: skip
+                grads[j] = tf.add_n(parts if grads[j] is None else [grads[j], *parts])
+            if self.log_grad_norms:
+                stats.append(tf.cast(tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0)), tf.float32))
+            if weights is not None:
+                stats.append(weights)
+            conflicts = tf.gather_nd(gramian, self._pairs) < 0.0 if self._pairs else tf.zeros([0], tf.bool)
+            stats.append(tf.cast(conflicts, tf.float32))
+        if factors is not None:
+            stats.append(factors)
+        stats_vector = tf.concat(stats, axis=0) if stats else tf.zeros([0])
+
+        def after_update(tracker_update: Callable[[tf.Tensor], None]) -> None:
+            """Track the statistics and let GradNorm learn, unless the gradients overflowed (a step the loss
+            scaler skips under mixed precision)."""
+
+            def observe() -> tf.Tensor:
+                tracker_update(stats_vector)
+                if self.weighting is not None and self.weighting.needs_jacobian:
+                    self.weighting.observe(gramian, values)
+                return tf.constant(True)
+
+            tf.cond(finite, observe, lambda: tf.constant(False))
+
+        return grads, stats_vector, after_update
+
+
+def gramian_of(components: list[list[tf.Tensor]]) -> tf.Tensor:
+    """G[a, b] = Σ over the shared variables of <g_a, g_b>, one matrix product per variable (float32)."""
+    m = len(components)
+    products = [tf.reshape(tf.stack(per_variable), [m, -1]) for per_variable in zip(*components)]
+    return tf.add_n([tf.matmul(rows, rows, transpose_b=True) for rows in products]) if products else tf.zeros([m, m])
+
+
+def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:
+    """The step's :class:`Balance` for a Trainer's ``aggregator``, ``loss_weighting`` and ``log_grad_norms`` and
+    its objective's component ``keys`` (``regularization`` is not aggregated), or None when the plain weighted sum
+    is all there is. Builds the weighting's state."""
+    aggregator, weighting, log_grad_norms = trainer.aggregator, trainer.loss_weighting, trainer.log_grad_norms
+    seed, optimizer = trainer.seed, trainer.optimizer
+    keys = [key for key in keys if key != REGULARIZATION]
+    if isinstance(aggregator, Sum) and weighting is None and not log_grad_norms:
+        return None
+    if weighting is not None and not hasattr(weighting, "factors"):
+        weighting.build(keys)
+
+    def step_seed() -> tf.Tensor:  # (Trainer seed, optimizer step): a resumed run draws the same orders
+        return tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
+
+    def loss_scale() -> tf.Tensor:
+        return optimizer.scale_loss(tf.constant(1.0))
+
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    return Balance(aggregator, weighting, keys, log_grad_norms=log_grad_norms, seed=step_seed, loss_scale=loss_scale,
+                   loss_scaled=scaled)  # fmt: skip
+
+
+class EpochWeighting(keras.callbacks.Callback):
+    """Hands each epoch's training logs to a loss weighting's ``end_epoch`` (DWA)."""
+
+    def __init__(self, weighting: LossWeighting) -> None:
+        super().__init__()
+        self.weighting = weighting
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.weighting.end_epoch({k: v for k, v in (logs or {}).items() if not k.startswith("val_")})
