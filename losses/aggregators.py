@@ -84,6 +84,12 @@ def _m(gramian: tf.Tensor) -> int:
     return int(gramian.shape[-1])
 
 
+def _entries(gramian: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(|g1|², |g2|², <g1, g2>) of a 2x2 Gramian, in float64."""
+    gramian = tf.cast(gramian, tf.float64)
+    return gramian[0, 0], gramian[1, 1], gramian[0, 1]
+
+
 class Sum(Aggregator):
     """The weighted sum of the components (the default: the step differentiates the total, no Jacobian)."""
 
@@ -111,8 +117,7 @@ class UPGrad(Aggregator):
     def weights(self, gramian, seed=None):
         m = _m(gramian)
         if m == 2:  # closed form: a row projected onto the other's half-space when they conflict
-            gramian = tf.cast(gramian, tf.float64)
-            a, b, c = gramian[0, 0], gramian[1, 1], gramian[0, 1]
+            a, b, c = _entries(gramian)
             conflict = c < 0.0  # (then a, b > 0)
             shift = -tf.stack([c / divisor(a, conflict), c / divisor(b, conflict)])
             return 0.5 + 0.5 * tf.where(conflict, shift, tf.zeros_like(shift))
@@ -126,6 +131,13 @@ class DualProj(Aggregator):
 
     def weights(self, gramian, seed=None):
         m = _m(gramian)
+        if m == 2:  # closed form: at most one of the two constraints binds (Cauchy-Schwarz)
+            a, b, c = _entries(gramian)
+            half = tf.constant(0.5, tf.float64)
+            return tf.stack([
+                tf.where(a + c < 0, -c / (2.0 * divisor(a, a + c < 0)), half),
+                tf.where(b + c < 0, -c / (2.0 * divisor(b, b + c < 0)), half),
+            ])  # fmt: skip
         return dual_cone_weights(gramian, tf.fill([1, m], tf.constant(1.0 / m, tf.float64)))[0]
 
 
@@ -136,8 +148,7 @@ class MGDA(Aggregator):
 
     def weights(self, gramian, seed=None):
         if _m(gramian) == 2:  # closed form: the point of the segment [g2, g1] nearest 0, γ·g1 + (1-γ)·g2
-            gramian = tf.cast(gramian, tf.float64)
-            a, b, c = gramian[0, 0], gramian[1, 1], gramian[0, 1]
+            a, b, c = _entries(gramian)
             spread = a + b - 2.0 * c  # |g1 - g2|²
             gamma = tf.clip_by_value((b - c) / divisor(spread, spread > 0), 0.0, 1.0)
             gamma = tf.where(spread > 0, gamma, tf.constant(0.5, tf.float64))
@@ -154,7 +165,21 @@ class IMTLG(Aggregator):
     def weights(self, gramian, seed=None):
         gramian = tf.cast(gramian, tf.float64)
         norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0))
-        v = tf.linalg.matvec(tf.linalg.pinv(gramian, rcond=_PINV_RCOND), norms)
+
+        def general() -> tf.Tensor:
+            return tf.linalg.matvec(tf.linalg.pinv(gramian, rcond=_PINV_RCOND), norms)
+
+        if _m(gramian) == 2:  # G⁻¹ of a 2x2 in closed form unless it is (nearly) singular
+            a, b, c = _entries(gramian)
+            det = a * b - c * c
+            regular = det > _PINV_RCOND * (a + b) ** 2
+
+            def closed() -> tf.Tensor:
+                return tf.stack([b * norms[0] - c * norms[1], a * norms[1] - c * norms[0]]) / det
+
+            v = tf.cond(regular, closed, general)
+        else:
+            v = general()
         total = tf.reduce_sum(v)
         return tf.where(tf.abs(total) < 1e-12, tf.zeros_like(v), v / divisor(total))
 
@@ -177,6 +202,8 @@ class PCGrad(Aggregator):
     def weights(self, gramian, seed=None):
         gramian = tf.cast(gramian, tf.float64)
         m = _m(gramian)
+        if m == 2:  # no order to draw: each row loses its part along the other when they conflict (2x UPGrad's)
+            return 2.0 * UPGrad().weights(gramian)
         seed = tf.constant([self.seed, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
         orders = tf.argsort(tf.random.stateless_uniform([m, m], seed=seed), axis=-1)  # row i: the order for row i
         current = tf.eye(m, dtype=tf.float64)  # row i: the weights of g_i's projected version
@@ -202,6 +229,21 @@ class AlignedMTL(Aggregator):
 
     def weights(self, gramian, seed=None, eps: float = float(np.finfo(np.float32).eps)):
         gramian = tf.cast(gramian, tf.float64)
+        if _m(gramian) == 2:  # full rank: B = sqrt(λ_min)·G^(-1/2), with the 2x2 square root in closed form
+            a, b, c = _entries(gramian)
+            largest = 0.5 * (a + b) + tf.sqrt(0.25 * (a - b) ** 2 + c * c)
+            smallest = (a * b - c * c) / divisor(largest)  # λ_min·λ_max = det
+            s = tf.sqrt(tf.maximum(a * b - c * c, 0.0))
+
+            def closed() -> tf.Tensor:  # (G + sI)/sqrt(a + b + 2s) is sqrt(G); its inverse times (1/2, 1/2)
+                scale = tf.sqrt(smallest) / (2.0 * s * tf.sqrt(a + b + 2.0 * s))
+                return scale * tf.stack([b + s - c, a + s - c])
+
+            return tf.cond(smallest > largest * 2 * eps, closed, lambda: self._general(gramian, eps))
+        return self._general(gramian, eps)
+
+    @staticmethod
+    def _general(gramian: tf.Tensor, eps: float) -> tf.Tensor:
         m = _m(gramian)
         values, vectors = tf.linalg.eigh(gramian)
         keep = values > tf.reduce_max(values) * m * eps  # the numerical rank (TorchJD's tolerance, float32 eps)

@@ -72,6 +72,8 @@ def trajectory(name: str, start: tuple[float, float], steps: int, every: int = 5
 def picture(path: Path, steps: int) -> None:
     import matplotlib
 
+    tf.get_logger().setLevel("ERROR")  # one compiled loop per trajectory, on purpose: no retracing warnings
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

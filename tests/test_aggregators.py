@@ -156,3 +156,64 @@ def test_aggregators_run_in_a_graph(case):
         aggregator = get_aggregator(name)
         eager = aggregator(J).numpy()
         np.testing.assert_allclose(tf.function(aggregator)(J).numpy(), eager, rtol=1e-6, atol=1e-6)
+
+
+def _two_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    g, h = rng.normal(size=(2, 50))
+    return {
+        "scale_1000x": np.stack([1000.0 * g, h]),
+        "opposed": np.stack([g, -0.5 * g + 0.1 * h]),
+        "collinear": np.stack([g, 2.0 * g]),
+        "anti_collinear": np.stack([g, -3.0 * g]),
+        "zero_row": np.stack([g, 0.0 * h]),
+    }
+
+
+def _aligned_mtl_numpy(G: np.ndarray) -> np.ndarray:
+    """TorchJD's AlignedMTLWeighting (scale_mode="min"), in NumPy."""
+    values, vectors = np.linalg.eigh(G)
+    keep = values > values.max() * len(G) * np.finfo(np.float32).eps
+    if not keep.any():
+        return np.full(len(G), 1.0 / len(G))
+    values, vectors = values[keep], vectors[:, keep]
+    balance = np.sqrt(values.min()) * (vectors / np.sqrt(values)) @ vectors.T
+    return balance @ np.full(len(G), 1.0 / len(G))
+
+
+@pytest.mark.parametrize("case", list(_two_rows()))
+def test_two_row_closed_forms_equal_the_general_definitions(case):
+    """For m = 2, UPGrad, DualProj, MGDA, PCGrad, IMTLG and AlignedMTL have closed forms; held against quadprog,
+    the min-norm conditions, and NumPy versions of TorchJD's definitions, also on singular and zero rows."""
+    J = _two_rows()[case]
+    G = J @ J.T
+    scale = np.linalg.norm(J)
+
+    def close(ours, reference):
+        assert np.linalg.norm(ours - reference) <= 1e-7 * (np.linalg.norm(reference) + scale), (ours, reference)
+
+    close(UPGrad()(tf.constant(J)).numpy(), np.mean([project(J, g) for g in J], axis=0))
+    close(DualProj()(tf.constant(J)).numpy(), project(J, J.mean(axis=0)))
+    close(PCGrad()(tf.constant(J)).numpy(), 2 * UPGrad()(tf.constant(J)).numpy())
+    d = MGDA()(tf.constant(J)).numpy()
+    assert (J @ d).min() >= d @ d - 1e-9 * scale**2
+    v = np.linalg.pinv(G, rcond=1e-10) @ np.sqrt(np.diag(G))
+    close(IMTLG()(tf.constant(J)).numpy(), J.T @ (v / v.sum() if abs(v.sum()) >= 1e-12 else 0 * v))
+    close(AlignedMTL()(tf.constant(J)).numpy(), J.T @ _aligned_mtl_numpy(G))
+
+
+@pytest.mark.parametrize("case", list(_two_rows()))
+def test_two_row_cagrad_equals_a_dense_search(case):
+    """CAGrad for m = 2 is a 1-D convex problem over w = (t, 1 - t): held against its minimum on a grid of 200,001
+    points (the closed form in losses/qp.py solves f'(t) = 0)."""
+    J = _two_rows()[case]
+    G = J @ J.T
+    linear, radius = G @ [0.5, 0.5], 0.5 * np.sqrt(G.sum() / 4)
+    t = np.linspace(0.0, 1.0, 200_001)
+    q = np.maximum(t * t * G[0, 0] + 2 * t * (1 - t) * G[0, 1] + (1 - t) ** 2 * G[1, 1], 0.0)
+    best = t[np.argmin(t * linear[0] + (1 - t) * linear[1] + radius * np.sqrt(q))]
+    w = np.array([best, 1 - best])
+    norm = np.sqrt(w @ G @ w)
+    weights = np.zeros(2) if norm < 1e-4 * np.sqrt(np.trace(G)) else 0.5 + radius / norm * w
+    ours = CAGrad(c=0.5)(tf.constant(J)).numpy()
+    assert np.linalg.norm(ours - J.T @ weights) <= 1e-4 * (np.linalg.norm(J.T @ weights) + 1e-6 * np.linalg.norm(J))

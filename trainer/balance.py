@@ -121,9 +121,10 @@ class Balance:
         gramian, finite = None, tf.constant(True)
         factors = None if self.weighting is None else tf.convert_to_tensor(self.weighting.factors)
         if self.jacobian:
-            # G from per-variable products in float32 (few, large ops: on a small model the op count is the cost),
-            # solved in float64. The gradients carry the loss scale (mixed precision): G is divided by its square.
-            gramian = tf.cast(gramian_of(components), tf.float64)
+            # G from per-variable products in float32, solved in float64. The gradients carry the loss scale (mixed
+            # precision): G is divided by its square.
+            rows = _stacked(components) if m > PAIRWISE else None
+            gramian = tf.cast(_gramian(components, rows), tf.float64)
             if self._loss_scaled:
                 gramian /= tf.cast(self._loss_scale(), tf.float64) ** 2
             # Overflowed gradients (the loss scaler then skips the step): keep the solvers defined, track nothing.
@@ -136,11 +137,10 @@ class Balance:
             if self._aggregates:
                 seed = self._seed() if self.aggregator.random else None
                 weights = tf.cast(self.aggregator.weights(gramian, seed), tf.float32)
-                factor = tf.unstack(weights)
-            for slot, j in enumerate(self.shared):
-                parts = [per_key[slot] if weights is None else factor[i] * per_key[slot]
-                         for i, per_key in enumerate(components)]  # fmt: skip
-                grads[j] = tf.add_n(parts if grads[j] is None else [grads[j], *parts])
+            for slot, j in enumerate(self.shared):  # the direction: the weighted rows
+                stacked = None if rows is None else rows[slot]
+                direction = _combine([per_key[slot] for per_key in components], weights, stacked)
+                grads[j] = direction if grads[j] is None else grads[j] + direction
             if self.log_grad_norms:
                 stats.append(tf.cast(tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0)), tf.float32))
             if weights is not None:
@@ -161,16 +161,43 @@ class Balance:
                     self.weighting.observe(gramian, values)
                 return tf.constant(True)
 
-            tf.cond(finite, observe, lambda: tf.constant(False))
+            if self._loss_scaled:  # without a loss scaler, a finite loss means an applied step: no second cond
+                tf.cond(finite, observe, lambda: tf.constant(False))
+            else:
+                observe()
 
         return grads, stats_vector, after_update
 
 
-def gramian_of(components: list[list[tf.Tensor]]) -> tf.Tensor:
-    """G[a, b] = Σ over the shared variables of <g_a, g_b>, one matrix product per variable (float32)."""
+PAIRWISE = 3  # up to this many components, G and the direction skip stacking the rows (measured faster)
+
+
+def _stacked(components: list[list[tf.Tensor]]) -> list[tf.Tensor]:
+    """Per shared variable, the m components' gradients as an (m, size) matrix."""
+    return [tf.reshape(tf.stack(per_variable), [len(components), -1]) for per_variable in zip(*components)]
+
+
+def _gramian(components: list[list[tf.Tensor]], rows: list[tf.Tensor] | None) -> tf.Tensor:
+    """G[a, b] = Σ over the shared variables of <g_a, g_b> (float32): one matrix product per variable from the
+    stacked ``rows``, or (few components) the pairs' products, which skip the stacking copies."""
     m = len(components)
-    products = [tf.reshape(tf.stack(per_variable), [m, -1]) for per_variable in zip(*components)]
-    return tf.add_n([tf.matmul(rows, rows, transpose_b=True) for rows in products]) if products else tf.zeros([m, m])
+    if not components or not components[0]:
+        return tf.zeros([m, m])
+    if rows is not None:
+        return tf.add_n([tf.matmul(r, r, transpose_b=True) for r in rows])
+    pairs = {(a, b): tf.add_n([tf.reduce_sum(x * y) for x, y in zip(components[a], components[b])])
+             for a in range(m) for b in range(a, m)}  # fmt: skip
+    return tf.stack([tf.stack([pairs[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)])
+
+
+def _combine(gradients: list[tf.Tensor], weights: tf.Tensor | None, rows: tf.Tensor | None) -> tf.Tensor:
+    """Σ_i weights_i · gradients_i (weights None: the plain sum), from the stacked ``rows`` when there are."""
+    if rows is not None:
+        summed = tf.reduce_sum(rows, axis=0) if weights is None else tf.linalg.matvec(rows, weights, transpose_a=True)
+        return tf.reshape(summed, gradients[0].shape)
+    if weights is None:
+        return tf.add_n(gradients)
+    return tf.add_n([w * g for w, g in zip(tf.unstack(weights), gradients)])
 
 
 def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:

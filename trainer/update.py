@@ -175,7 +175,7 @@ class StepMath:
         """
         after = None
         if self.balance is not None:
-            own = tf.stack([values[self.loss_keys.index(key)] for key in self.balance.keys])
+            own = tf.gather(values, [self.loss_keys.index(key) for key in self.balance.keys])
             grads, _, after = self.balance.combine(grads, components, own)
         pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
 
