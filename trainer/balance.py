@@ -110,11 +110,12 @@ class Balance:
 
     def combine(
         self, grads: list[tf.Tensor | None], components: list[list[tf.Tensor]], values: tf.Tensor | None
-    ) -> tuple[list[tf.Tensor | None], tf.Tensor, Callable[[], None]]:
+    ) -> tuple[list[tf.Tensor | None], Callable[[Callable[[tf.Tensor], None]], None]]:
         """Aggregate the summed component gradients into ``grads``.
 
         ``values`` are the components' unweighted global means, in ``keys`` order (for GradNorm). Returns (the
-        gradients, the step's statistics, what to run when the update is applied: GradNorm's weight update).
+        gradients, what to run when the update is applied: given the tracker's update, it records the step's
+        statistics, and GradNorm learns).
         """
         stats = []
         m = len(self.keys)
@@ -166,7 +167,7 @@ class Balance:
             else:
                 observe()
 
-        return grads, stats_vector, after_update
+        return grads, after_update
 
 
 PAIRWISE = 3  # up to this many components, G and the direction skip stacking the rows (measured faster)

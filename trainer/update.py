@@ -83,7 +83,6 @@ class StepMath:
         self.balance = balance
         self._jacobian = balance is not None and balance.jacobian
         self.loss_keys = objective.logged_keys()  # order of the flags and values
-        self.step_keys = balance.step_keys() if balance is not None else []  # per-step statistics
 
     # -- on each replica ------------------------------------------------------------------------------------------
 
@@ -101,7 +100,7 @@ class StepMath:
         factors = None if self.balance is None else self.balance.factors(self._objective.keys)
         weights = weights if factors is None else weights * factors  # a loss weighting's factors (GradNorm, DWA)
         total = self._objective.total(parts, weights)
-        return outputs, parts, {**parts, TOTAL: total}
+        return outputs, parts, {**parts, TOTAL: total}, weights
 
     def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
         tracker = self.trackers[mode]
@@ -114,13 +113,13 @@ class StepMath:
         inputs, targets = batch
         share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
         with tf.GradientTape(persistent=self._jacobian) as tape:
-            outputs, parts, values = self._losses(inputs, targets, training=True, weights=weights)
+            outputs, parts, values, weights = self._losses(inputs, targets, training=True, weights=weights)
             # The one distribution scaling: loss × b/B, gradients summed over replicas.
             objective = values[TOTAL] if share is None else values[TOTAL] * share
             scaled = self.optimizer.scale_loss(objective)  # identity unless loss scaling is on
             if self._jacobian:  # each weighted component alone, scaled like the total
-                keys, factors = self._objective.keys, self.balance.factors(self._objective.keys)
-                weighted = (weights if factors is None else weights * factors) * (1.0 if share is None else share)
+                weighted = weights if share is None else weights * share
+                keys = self._objective.keys
                 term = {k: self.optimizer.scale_loss(weighted[i] * parts[k]) for i, k in enumerate(keys)}
         if self._jacobian:
             terms = [term[key] for key in self.balance.keys]
@@ -143,7 +142,7 @@ class StepMath:
 
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
-        outputs, _, values = self._losses(inputs, targets, training=False, weights=weights)
+        outputs, _, values, _ = self._losses(inputs, targets, training=False, weights=weights)
         self._observe("eval", inputs, targets, outputs, values)
         stacked = tf.stack([values[k] for k in self.loss_keys])
         if self._replicas > 1:
@@ -176,7 +175,7 @@ class StepMath:
         after = None
         if self.balance is not None:
             own = tf.gather(values, [self.loss_keys.index(key) for key in self.balance.keys])
-            grads, _, after = self.balance.combine(grads, components, own)
+            grads, after = self.balance.combine(grads, components, own)
         pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
 
         def update() -> tf.Tensor:
