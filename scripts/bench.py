@@ -3,8 +3,9 @@
     python scripts/bench.py [--repeats N] [--json PATH] [--large-numpy GB]
                             [--only large-numpy|first-epoch|aggregators]
 
-Same model, data and optimizer in one process; warm-up (tracing) excluded; each figure is the best of ``--repeats``
-timed epochs (the machine is noisy: best-of is the stable statistic). Workloads:
+Same model, data and optimizer in one process; warm-up (tracing) excluded. Each runner runs ``--repeats`` rounds of
+one epoch, in a new random order each round; steps/s are the best round, ratios the median over rounds of the paired
+times (the machine is noisy: a slow phase hits one round's runs alike). Workloads:
   (a) overhead-bound: seed 001 example 1 (100 -> 64 -> 32 -> 1 and 3), batch 32, Keras-style losses
   (b) compute-bound: MLP 100 -> 256 -> 256 -> heads, batch 256
   (c) logging cost: workload (a) with a loss returning 1 vs 20 named components
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,19 +62,32 @@ def two_head_data(n: int, batch: int) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).cache().prefetch(4)
 
 
-def best_rates(runs: dict, steps: int, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    """Steps/s of each ``run()`` (one epoch of ``steps``): best of ``repeats``, the runners interleaved round-robin
-    so that a slow phase of the machine hits all of them alike; one warm-up call each (tracing) is excluded.
-    ``clock``: wall time, or ``time.process_time`` (CPU time: steadier ratios on a shared machine)."""
+def timed_rounds(runs: dict, rounds: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Every runner's time per round: each ``run()`` (one epoch) once per round, in a new random order each round,
+    after one warm-up call each (tracing). ``clock``: wall time, or ``time.process_time`` (CPU time)."""
     for run in runs.values():
         run()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for name, run in runs.items():
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
             start = clock()
-            run()
-            best[name] = min(best[name], clock() - start)
-    return {name: steps / seconds for name, seconds in best.items()}
+            runs[name]()
+            times[name].append(clock() - start)
+    return times
+
+
+def rates(times: dict[str, list[float]], steps: int) -> dict[str, float]:
+    """Steps/s of each runner in its best round."""
+    return {name: steps / min(seconds) for name, seconds in times.items()}
+
+
+def paired(times: dict[str, list[float]], name: str, base: str) -> float:
+    """``name``'s speed relative to ``base``: the median over rounds of base's time / name's time. Each ratio
+    compares two runs of one round, so a slow phase of this shared machine hits both; its median is steadier
+    than a ratio of best times (measured: the ratio of bests of the same code swung 0.72-0.86 between runs)."""
+    return statistics.median(b / t for b, t in zip(times[base], times[name], strict=True))
 
 
 def hand_loop(model: keras.Model, loss_fn, dataset: tf.data.Dataset, spe: int):
@@ -124,7 +140,11 @@ def compare(name, build_model, dataset, spe, repeats, results, *, loss=LOSSES, h
         model = build_model()
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=1 if spe == "auto" else spe)
         runs["keras_fit"] = lambda: model.fit(dataset, epochs=1, verbose=0)
-    results.append({"workload": name, "spe": spe, **best_rates(runs, steps, repeats)})
+    times = timed_rounds(runs, repeats)
+    row = {"workload": name, "spe": spe, **rates(times, steps), "vs_hand": paired(times, "tapeloop", "hand")}
+    if with_fit:
+        row["vs_fit"] = paired(times, "tapeloop", "keras_fit")
+    results.append(row)
 
 
 def many_components(k: int):
@@ -141,7 +161,8 @@ def many_components(k: int):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per figure (best of)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="rounds: timed epochs per runner (ratios are medians of paired rounds)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--large-numpy", type=float, default=1.5, metavar="GB",
                         help="size of x in the large-numpy row (GB of float32; 0 skips the row)")  # fmt: skip
@@ -177,7 +198,7 @@ def main(argv=None) -> dict:
         print_large(report["large_numpy"])
         return report
     if args.only == "aggregators":
-        report = {"aggregators": aggregator_costs(best_rates, args.repeats)}
+        report = {"aggregators": aggregator_costs(timed_rounds, paired, max(3, args.repeats // 2))}
         print_aggregators(report["aggregators"])
         return report
     if args.only == "first-epoch":
@@ -202,7 +223,7 @@ def main(argv=None) -> dict:
         trainer = Trainer(two_head_model((64, 32)), optimizer=keras.optimizers.Adam(1e-3), loss=LOSSES,
                           log_grad_norms=norms)  # fmt: skip
         runs[f"norms={norms}"] = lambda t=trainer: t.fit(small, epochs=1, progress=False)
-    logging = best_rates(runs, 200, args.repeats)
+    logging = timed_rounds(runs, args.repeats)
 
     import detection
 
@@ -240,17 +261,18 @@ def main(argv=None) -> dict:
 
     report = {
         "rows": rows,
-        "logging": {"1": logging[1], "20": logging[20], "cost": 1 - logging[20] / logging[1]},
+        "logging": {**{str(k): v for k, v in rates(logging, 200).items()}, "cost": 1 - paired(logging, 20, 1)},
         "grad_norms": {
-            "off": logging["norms=False"],
-            "on": logging["norms=True"],
-            "cost": 1 - logging["norms=True"] / logging["norms=False"],
+            "off": rates(logging, 200)["norms=False"],
+            "on": rates(logging, 200)["norms=True"],
+            "cost": 1 - paired(logging, "norms=True", "norms=False"),
         },
         "retraces_after_first_epochs": retraced,
         "rss_growth_mb_over_20_epochs": growth,
         "seconds": time.perf_counter() - started,
+        "rounds": args.repeats,
     }
-    report["aggregators"] = aggregator_costs(best_rates, args.repeats)
+    report["aggregators"] = aggregator_costs(timed_rounds, paired, max(3, args.repeats // 2))
     report["first_epoch"] = first_epoch()
     if args.large_numpy > 0:
         report["large_numpy"] = large_numpy(args.large_numpy)
@@ -265,11 +287,10 @@ def print_report(report: dict) -> None:
     for r in report["rows"]:
         fit = r.get("keras_fit")
         fit_rate = f"{fit:.0f}" if fit else "-"
-        vs_fit = f"{r['tapeloop'] / fit:.2f}" if fit else "-"
-        hand_ratio = r["tapeloop"] / r["hand"]
+        vs_fit = f"{r['vs_fit']:.2f}" if fit else "-"
         print(
             f"{r['workload']:<28} {r['spe']!s:>5} {r['tapeloop']:>9.0f} {r['hand']:>9.0f} {fit_rate:>9} "
-            f"{hand_ratio:>8.2f} {vs_fit:>7}"
+            f"{r['vs_hand']:>8.2f} {vs_fit:>7}"
         )
     log = report["logging"]
     print(f"\nc: logging cost, 20 components vs 1: {log['20']:.0f} vs {log['1']:.0f} steps/s ({log['cost']:+.1%})")
@@ -278,7 +299,10 @@ def print_report(report: dict) -> None:
     print(f"log_grad_norms=True on workload (a): {on:.0f} vs {off:.0f} steps/s ({cost:+.1%})")
     print(f"retraces after the first epochs (partial batch + validation): {report['retraces_after_first_epochs']}")
     print(f"resident memory growth over 20 epochs: {report['rss_growth_mb_over_20_epochs']:.1f} MB")
-    print(f"(steps/s, best of repeats; bench took {report['seconds']:.0f} s)")
+    print(
+        f"(steps/s: best round; ratios and costs: medians over {report['rounds']} paired rounds; bench took "
+        f"{report['seconds']:.0f} s)"
+    )
     print_aggregators(report["aggregators"])
     print_first(report["first_epoch"])
     if "large_numpy" in report:

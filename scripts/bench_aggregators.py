@@ -37,8 +37,9 @@ def heads_loss(m: int) -> Callable:
     return loss
 
 
-def aggregator_costs(best_rates: Callable, repeats: int) -> dict:
-    """{m: {aggregator: steps/s}} and the ratios to the plain step."""
+def aggregator_costs(timed_rounds: Callable, paired: Callable, rounds: int) -> dict:
+    """{m: {aggregator: {"steps_per_s", "cost"}}}: the best round's rate and the median over paired rounds of the
+    step's CPU time against the plain step's (bench.py's ``timed_rounds`` and ``paired``)."""
     found: dict = {}
     rng = np.random.default_rng(0)
     names = ["plain", *[n for n in AGGREGATORS if n != "sum"], *WEIGHTINGS]
@@ -52,8 +53,10 @@ def aggregator_costs(best_rates: Callable, repeats: int) -> dict:
             trainer = Trainer(trunk_model(m), optimizer=keras.optimizers.SGD(1e-3), loss=heads_loss(m),
                               aggregator=None if name == "plain" else name)  # fmt: skip
             runs[name] = lambda t=trainer, d=data: t.fit(d, epochs=1, progress=False)
-        rates = best_rates(runs, STEPS, repeats, clock=time.process_time)
-        found[m] = {name: {"steps_per_s": rate, "cost": rates["plain"] / rate} for name, rate in rates.items()}
+        times = timed_rounds(runs, rounds, clock=time.process_time)
+        found[m] = {
+            name: {"steps_per_s": STEPS / min(times[name]), "cost": 1 / paired(times, name, "plain")} for name in runs
+        }
     return found
 
 

@@ -194,7 +194,7 @@ class EpochRunner:
 
     def _dataset(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
         dataset = self.data.dataset(epoch, skip_batches=skip_batches)
-        return dataset.repeat() if self.policy.repeat else dataset
+        return self.runner.repeated(dataset) if self.policy.repeat else dataset
 
     @property
     def steps(self) -> int | None:

@@ -169,27 +169,43 @@ class Steps:
         num_steps = tf.where(stopped, 0, num_steps)
         weights = self._loss_weights()  # they change only between blocks (from the host): read once per block
 
-        def cond(i, more, finite, values, skipped, consecutive):
-            go = tf.logical_and(i < num_steps, more)
-            return tf.logical_and(go, consecutive <= self._max_skips if self._skip else tf.reduce_all(finite))
+        skips = self._skip and mode == "train"
+        # Only what can change is carried (each loop variable costs a few executor ops per step): whether data is
+        # left only when the host does not know it is, the skip counters only under nan_policy="skip".
+        state = {"i": tf.constant(0), "finite": tf.ones([k], tf.bool), "values": tf.zeros([k], tf.float32)}
+        if not exact:
+            state["more"] = tf.constant(True)
+        if skips:
+            state["skipped"], state["consecutive"] = self.skipped.read_value(), self.consecutive.read_value()
 
-        def body(i, more, finite, values, skipped, consecutive):
-            stepped, ok, last = self._one_step(mode, iterator, exact, weights, (finite, values))
+        def cond(s):
+            go = s["i"] < num_steps if exact else tf.logical_and(s["i"] < num_steps, s["more"])
+            return tf.logical_and(go, s["consecutive"] <= self._max_skips if skips else tf.reduce_all(s["finite"]))
+
+        def body(s):
+            stepped, ok, last = self._one_step(mode, iterator, exact, weights, (s["finite"], s["values"]))
             ran = tf.cast(stepped, tf.int32)
-            good = tf.reduce_all(ok)
-            if self._skip:  # a skipped step still consumed its batches: it counts as a step
-                bad = ran * (1 - tf.cast(good, tf.int32))
-                consecutive = tf.where(stepped, (consecutive + 1) * bad, consecutive)
-                return i + ran, stepped, ok, last, skipped + bad, consecutive
-            return i + ran * tf.cast(good, tf.int32), stepped, ok, last, skipped, consecutive
+            new = {"finite": ok, "values": last}
+            if not exact:
+                new["more"] = stepped
+            if skips:  # a skipped step still consumed its batches: it counts as a step
+                bad = ran * (1 - tf.cast(tf.reduce_all(ok), tf.int32))
+                new["consecutive"] = tf.where(stepped, (s["consecutive"] + 1) * bad, s["consecutive"])
+                new["skipped"] = s["skipped"] + bad
+                new["i"] = s["i"] + ran
+            else:
+                new["i"] = s["i"] + ran * tf.cast(tf.reduce_all(ok), tf.int32)
+            return (new,)
 
-        start = (tf.constant(0), tf.constant(True), tf.ones([k], tf.bool), tf.zeros([k], tf.float32))
-        ran, more, finite, values, skipped, consecutive = tf.while_loop(
-            cond, body, (*start, self.skipped.read_value(), self.consecutive.read_value())
-        )
-        if self._skip and mode == "train":
+        (end,) = tf.while_loop(cond, body, (state,))
+        ran, finite, values = end["i"], end["finite"], end["values"]
+        more = end.get("more", tf.constant(True))
+        if skips:
+            skipped, consecutive = end["skipped"], end["consecutive"]
             self.skipped.assign(skipped)
             self.consecutive.assign(consecutive)
+        else:
+            skipped, consecutive = self.skipped.read_value(), self.consecutive.read_value()
         logs = self.trackers[mode].result()
         # One float vector, so that the host reads everything with a single copy (see ``unpack``).
         head = tf.cast(

@@ -52,9 +52,13 @@ class Tracker:
     def keys(self) -> list[str]:
         return self.mean_keys + self.step_keys + list(self.metrics)
 
-    def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor) -> None:
-        """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples."""
+    def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor, ok: tf.Tensor | None = None) -> None:
+        """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples; nothing when ``ok``
+        is False (a skipped step: its values may be NaN)."""
         stacked = tf.stack([tf.cast(values[k], tf.float32) for k in self.mean_keys])
+        if ok is not None:
+            stacked = tf.where(ok, stacked, 0.0)
+            batch_size = tf.where(ok, batch_size, 0.0)
         self._sums.assign_add(stacked * batch_size)
         self._count.assign_add(batch_size)
 

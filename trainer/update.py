@@ -102,11 +102,24 @@ class StepMath:
         total = self._objective.total(parts, weights)
         return outputs, parts, {**parts, TOTAL: total}, weights
 
-    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor]) -> None:
+    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor], ok=None) -> None:
+        """Track one batch; with ``ok`` (training), only when it is True: a skipped step's values may be NaN.
+
+        Batch means are masked (``ok`` False weighs the batch 0), cheaper than a tf.cond and its captured inputs;
+        Keras metric objects update their own state, so with them the whole observation goes under a tf.cond.
+        """
         tracker = self.trackers[mode]
+        if ok is not None and tracker.metrics:
+
+            def observe() -> tf.Tensor:
+                self._observe(mode, inputs, targets, outputs, values)
+                return tf.constant(True)
+
+            tf.cond(ok, observe, lambda: tf.constant(False))
+            return
         metric_values = self._metrics.callable_values(outputs, targets, self._hint)
         values = {**values, **self._empty_is_zero(inputs, metric_values)}
-        tracker.update_means(values, batch_size_of(inputs))
+        tracker.update_means(values, batch_size_of(inputs), ok)
         self._metrics.update(tracker.metrics, outputs, targets)
 
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
@@ -131,11 +144,7 @@ class StepMath:
         stacked = tf.stack([values[k] for k in self.loss_keys])  # every value is a scalar: one check for all
         finite = tf.math.is_finite(stacked)
 
-        def observe() -> tf.Tensor:
-            self._observe("train", inputs, targets, outputs, values)
-            return tf.constant(True)
-
-        tf.cond(tf.reduce_all(finite), observe, lambda: tf.constant(False))  # a skipped step is not tracked
+        self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite))  # skipped: not tracked
         bad = tf.cast(tf.logical_not(finite), tf.int32)
         values = stacked if share is None else stacked * share
         return bad, values, grads, batch_size_of(inputs), components
