@@ -90,8 +90,12 @@ def paired(times: dict[str, list[float]], name: str, base: str) -> float:
     return statistics.median(b / t for b, t in zip(times[base], times[name], strict=True))
 
 
-def hand_loop(model: keras.Model, loss_fn, dataset: tf.data.Dataset, spe: int):
-    """The floor: a minimal tf.function GradientTape step, ``spe`` steps per call in a tf.range loop."""
+def hand_loop(model: keras.Model, loss_fn, dataset: tf.data.Dataset, spe: int, guard: bool = False):
+    """The floor: a minimal tf.function GradientTape step, ``spe`` steps per call in a tf.range loop.
+
+    ``guard``: the update under a ``tf.cond`` on the loss being finite — the least a loop must add to promise that a
+    NaN step changes no weight (tapeloop also stops there, and tracks every component).
+    """
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
 
@@ -99,7 +103,15 @@ def hand_loop(model: keras.Model, loss_fn, dataset: tf.data.Dataset, spe: int):
         with tf.GradientTape() as tape:
             loss = loss_fn(model(x, training=True), y)
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        if not guard:
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return
+
+        def update():
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return tf.constant(True)
+
+        tf.cond(tf.math.is_finite(loss), update, lambda: tf.constant(False))
 
     @tf.function
     def one(x, y):
@@ -129,13 +141,16 @@ def keras_losses(outputs, targets):
     return mse + keras.losses.CategoricalCrossentropy()(targets["classification_output"], outputs[1])
 
 
-def compare(name, build_model, dataset, spe, repeats, results, *, loss=LOSSES, hand_loss=keras_losses, with_fit=True):
+def compare(name, build_model, dataset, spe, repeats, results, *, loss=LOSSES, hand_loss=keras_losses, with_fit=True,
+            guarded=False):  # fmt: skip
     steps = int(dataset.cardinality())
     trainer = Trainer(build_model(), optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=spe)
     runs = {
         "tapeloop": lambda: trainer.fit(dataset, epochs=1, progress=False),
         "hand": hand_loop(build_model(), hand_loss, dataset, 32 if spe == "auto" else spe),
     }
+    if guarded:
+        runs["hand_guarded"] = hand_loop(build_model(), hand_loss, dataset, 32 if spe == "auto" else spe, guard=True)
     if with_fit:
         model = build_model()
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=1 if spe == "auto" else spe)
@@ -144,6 +159,9 @@ def compare(name, build_model, dataset, spe, repeats, results, *, loss=LOSSES, h
     row = {"workload": name, "spe": spe, **rates(times, steps), "vs_hand": paired(times, "tapeloop", "hand")}
     if with_fit:
         row["vs_fit"] = paired(times, "tapeloop", "keras_fit")
+    if guarded:
+        row["vs_hand_guarded"] = paired(times, "tapeloop", "hand_guarded")
+        row["guard_cost"] = 1 - paired(times, "hand_guarded", "hand")
     results.append(row)
 
 
@@ -210,7 +228,8 @@ def main(argv=None) -> dict:
     rows: list[dict] = []
     small = two_head_data(32 * 200, 32)
     for spe in (1, 32, "auto"):
-        compare("a: seed001 ex1, batch 32", lambda: two_head_model((64, 32)), small, spe, args.repeats, rows)
+        compare("a: seed001 ex1, batch 32", lambda: two_head_model((64, 32)), small, spe, args.repeats, rows,
+                guarded=True)  # fmt: skip
     big = two_head_data(256 * 40, 256)
     compare("b: MLP 256x256, batch 256", lambda: two_head_model((256, 256)), big, 1, args.repeats, rows)
 
@@ -294,6 +313,12 @@ def print_report(report: dict) -> None:
         )
     hand = {r["spe"]: r["vs_hand"] for r in report["rows"] if r["workload"].startswith("a:")}
     print(f"(a) vs the hand loop: {hand[1]:.2f} at 1 step per call, {hand[32]:.2f} at 32 (targets >= 1.0)")
+    for r in report["rows"]:
+        if "vs_hand_guarded" in r:
+            print(
+                f"(a) spe {r['spe']!s:>4}: the hand loop with a NaN guard (tf.cond around the update) costs "
+                f"{r['guard_cost']:+.1%} over the bare one; tapeloop {r['vs_hand_guarded']:.2f}x the guarded hand loop"
+            )
     log = report["logging"]
     print(
         f"\nc: logging cost, 20 components vs 1: {log['20']:.0f} vs {log['1']:.0f} steps/s ({log['cost']:+.1%}; "
