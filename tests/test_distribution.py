@@ -229,3 +229,26 @@ def test_resume_mid_epoch_on_two_replicas_is_exact(dataset, tmp_path):
         np.testing.assert_allclose(history[key], expected[key], rtol=1e-6, err_msg=key)
     for a, b in zip(resumed_model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("metrics", [None, {"output": ["mae"]}])
+def test_a_step_skipped_for_one_replica_is_tracked_on_none(metrics):
+    """nan_policy="skip" with 2 replicas, a NaN in the second replica's half of batches 1 and 4 only: the step is
+    skipped for all, so no replica tracks it — the epoch's loss and mae equal one device's, which skips the batch
+    whole (each replica used to mask with its own flag, so the first replica's half of a skipped step was logged)."""
+    x, y = helpers.small_data(32)
+    y = {"output": y["output"].copy()}
+    for b in (1, 4):
+        y["output"][b * 4 + 3] = np.nan  # batches of 4 split 2/2: the second replica's half
+    logs = []
+    for strategy in (tf.distribute.get_strategy(), mirrored()):
+        with strategy.scope():
+            model = helpers.small_model(dropout=0.0)
+            trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss={"output": "mse"}, metrics=metrics,
+                              nan_policy="skip", strategy=strategy)  # fmt: skip
+        history = trainer.fit((x, y), batch_size=4, shuffle=False, progress=False)
+        assert history.history["skipped_steps"] == [2.0] and trainer.optimizer.iterations.numpy() == 6
+        logs.append(history.history)
+    for key in ("loss", "output/mae") if metrics else ("loss",):
+        assert np.isfinite(logs[1][key][0])
+        assert logs[1][key][0] == pytest.approx(logs[0][key][0], rel=1e-5)

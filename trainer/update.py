@@ -36,7 +36,7 @@ class Micro(NamedTuple):
     finite: tf.Tensor  # (keys,) bool
     values: tf.Tensor  # (keys,) float32: global batch means
     grads: list[tf.Tensor | None]  # per trainable variable: gradient of the global mean (None: not connected)
-    examples: tf.Tensor  # float32: examples in the global (micro-)batch
+    examples: tf.Tensor | None  # float32: examples in the global (micro-)batch (None: not counted)
     components: list[list[tf.Tensor]]  # (balancing) per component: its gradient of each shared variable
 
 
@@ -142,12 +142,12 @@ class StepMath:
         if all(g is None for g in grads) and not any(components):
             raise ValueError("The total loss does not depend on any trainable variable: there is nothing to train.")
         stacked = tf.stack([values[k] for k in self.loss_keys])  # every value is a scalar: one check for all
+        if share is not None:  # the global means, on every replica: a non-finite value anywhere makes its sum so
+            stacked = tf.distribute.get_replica_context().all_reduce(SUM, stacked * share)
         finite = tf.math.is_finite(stacked)
-
-        self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite))  # skipped: not tracked
-        bad = tf.cast(tf.logical_not(finite), tf.int32)
-        values = stacked if share is None else stacked * share
-        return bad, values, grads, batch_size_of(inputs), components
+        # A step is skipped for all replicas or none: each masks its own tracking with the global flag.
+        self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite))
+        return finite, stacked, grads, batch_size_of(inputs), components
 
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
@@ -156,21 +156,25 @@ class StepMath:
         stacked = tf.stack([values[k] for k in self.loss_keys])
         if self._replicas > 1:
             stacked = stacked * replica_share(batch_size_of(inputs))
-        return tf.zeros([len(self.loss_keys)], tf.int32), stacked
+        return stacked
 
     # -- over all replicas (cross-replica context) ----------------------------------------------------------------
 
     def _sum(self, value: Any) -> tf.Tensor:
         return self.strategy.reduce(SUM, value, axis=None)
 
-    def micro(self, batch: Any, weights: tf.Tensor) -> Micro:
-        """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled."""
-        bad, values, grads, examples, components = self.strategy.run(self._train_replica, args=(batch, weights))
+    def micro(self, batch: Any, weights: tf.Tensor, count: bool = True) -> Micro:
+        """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled.
+
+        ``count``: also sum the examples over replicas (gradient accumulation weighs micro-batches by them; a
+        collective is not pruned when unused, so a plain step skips it)."""
+        finite, values, grads, examples, components = self.strategy.run(self._train_replica, args=(batch, weights))
+        local = self.strategy.experimental_local_results  # the flags and means are global on every replica already
         return Micro(
-            finite=tf.equal(self._sum(bad), 0),
-            values=self._sum(values),  # each replica's values are × b/B: the sum is the global mean
+            finite=local(finite)[0],
+            values=local(values)[0],
             grads=[None if g is None else self._sum(g) for g in grads],
-            examples=self._sum(examples),
+            examples=self._sum(examples) if count else None,
             components=[[self._sum(g) for g in per_key] for per_key in components],
         )
 
@@ -197,13 +201,14 @@ class StepMath:
 
     def train(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One step on one batch: returns (finite flags, values)."""
-        micro = self.micro(batch, weights)
+        micro = self.micro(batch, weights, count=False)
         self.apply(micro.grads, micro.components, micro.values, micro.finite)
         return micro.finite, micro.values
 
     def evaluate(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        bad, values = self.strategy.run(self._eval_replica, args=(batch, weights))
-        return tf.equal(self._sum(bad), 0), self._sum(values)
+        """One evaluation step: (flags, all True — evaluation never stops on a value —, the global means)."""
+        values = self._sum(self.strategy.run(self._eval_replica, args=(batch, weights)))
+        return tf.ones([len(self.loss_keys)], tf.bool), values
 
     def accumulate(self, pull: Callable[[], tuple[tf.Tensor, Callable]], k: int, micro: Callable, weights: tf.Tensor):
         """Up to ``k`` micro-batches then one update, the gradients weighted by the micro-batches' example counts.
