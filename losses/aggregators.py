@@ -275,6 +275,8 @@ class CAGrad(Aggregator):
     def weights(self, gramian, seed=None):
         gramian = tf.cast(gramian, tf.float64)
         m = _m(gramian)
+        if m == 2:
+            return self._two_rows(gramian)
         mean = tf.fill([m], tf.constant(1.0 / m, tf.float64))
         linear = tf.linalg.matvec(gramian, mean)  # g₀ᵀ g_i
         radius = self.c * tf.sqrt(tf.maximum(tf.tensordot(mean, linear, 1), 0.0))  # c·|g₀|
@@ -283,6 +285,25 @@ class CAGrad(Aggregator):
         scale = tf.sqrt(tf.maximum(tf.linalg.trace(gramian), 0.0))  # |J| (Frobenius)
         on_front = norm < 1e-4 * scale
         return tf.where(on_front, tf.zeros_like(w), mean + radius / divisor(norm, ~on_front) * w)
+
+    def _two_rows(self, gramian: tf.Tensor) -> tf.Tensor:
+        """m = 2 in closed form, w* = (t, 1 - t) with g_t = t·g1 + (1 - t)·g2. The objective is convex in t; where
+        its derivative (g1ᵀg₀ - g2ᵀg₀) + r·<g_t, u>/|g_t| (u = g1 - g2, r = c·|g₀|) vanishes, |g_t|² = det G /
+        (|u|² - τ²) with τ = <g_t, u>/|g_t| = (g2ᵀg₀ - g1ᵀg₀)/r, which gives t; when |τ| >= |u| the objective is
+        monotone and an end wins. A third of the general solver's graph ops, on the step's critical path."""
+        a, b, c = _entries(gramian)
+        radius = self.c * tf.sqrt(tf.maximum(a + b + 2.0 * c, 0.0)) / 2.0
+        spread, along, slope = a + b - 2.0 * c, c - b, (a - b) / 2.0  # |u|², <g2, u>, g1ᵀg₀ - g2ᵀg₀
+        interior = radius * radius * spread > slope * slope
+        tau = -slope / divisor(radius, interior)
+        norm2 = tf.maximum(a * b - c * c, 0.0) / divisor(spread - tau * tau, interior)
+        end = tf.where(slope > 0, tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64))
+        t = tf.where(interior, (tau * tf.sqrt(norm2) - along) / divisor(spread, interior), end)
+        t = tf.clip_by_value(t, 0.0, 1.0)
+        w = tf.stack([t, 1.0 - t])
+        norm = tf.sqrt(tf.maximum(b + 2.0 * along * t + spread * t * t, 0.0))  # |g_t|
+        on_front = norm < 1e-4 * tf.sqrt(tf.maximum(a + b, 0.0))
+        return tf.where(on_front, tf.zeros_like(w), 0.5 + radius / divisor(norm, ~on_front) * w)
 
     def __repr__(self) -> str:
         return f"CAGrad(c={self.c})"

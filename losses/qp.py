@@ -101,8 +101,6 @@ def simplex_weights(gramian: tf.Tensor, *, linear: tf.Tensor | None = None, norm
     form per active set. The min-norm point is a candidate too (there sqrt(wᵀGw) may be 0 and not differentiable).
     """
     gramian, m = _check(gramian)
-    if m == 2 and linear is not None:
-        return _two_rows(gramian, tf.cast(linear, tf.float64), norm)
     scaled, d = _unit_diagonal(gramian)
     masks, outer, offset = _constants(m, empty=False)  # the support of w
     systems = outer * scaled + offset
@@ -136,22 +134,3 @@ def simplex_weights(gramian: tf.Tensor, *, linear: tf.Tensor | None = None, norm
         feasible &= solvable
         objective = tf.reduce_sum(candidates * linear_hat[:, None], axis=1) + norm * tf.sqrt(tf.maximum(quad, 0.0))
     return _pick(tf.maximum(candidates, 0.0), feasible, size, objective)[0] * d
-
-
-def _two_rows(gramian: tf.Tensor, linear: tf.Tensor, norm: tf.Tensor | float) -> tf.Tensor:
-    """CAGrad's objective for two rows, w = (t, 1 - t): f(t) = lin(t) + norm·sqrt(q(t)) with q quadratic, convex on
-    [0, 1]. Its minimum is at an end or where f'(t) = 0, which squared is a quadratic in t: every root (clipped to
-    [0, 1]) and both ends are candidates, the least f wins — exact without telling real roots from spurious ones."""
-    a, b, c = gramian[0, 0], gramian[1, 1], gramian[0, 1]
-    big_a, big_b, big_c = a + b - 2.0 * c, 2.0 * (c - b), b  # q(t) = A t² + B t + C = |t·g1 + (1 - t)·g2|²
-    r = -(linear[0] - linear[1]) / divisor(tf.cast(norm, tf.float64))  # f'(t) = 0  <=>  q'(t) / (2 sqrt q) = r
-    p2, p1, p0 = 4.0 * big_a * (big_a - r * r), 4.0 * big_b * (big_a - r * r), big_b**2 - 4.0 * r * r * big_c
-    root = tf.sqrt(tf.maximum(p1 * p1 - 4.0 * p2 * p0, 0.0))
-    roots = tf.stack([(-p1 + root) / divisor(2.0 * p2), (-p1 - root) / divisor(2.0 * p2), -p0 / divisor(p1)])
-    zero = tf.zeros([], tf.float64)
-    t = tf.concat([tf.stack([zero, zero + 1.0]), tf.clip_by_value(tf.where(tf.math.is_finite(roots), roots, zero),
-                                                                  0.0, 1.0)], axis=0)  # fmt: skip
-    q = tf.maximum(big_a * t * t + big_b * t + big_c, 0.0)
-    f = t * linear[0] + (1.0 - t) * linear[1] + norm * tf.sqrt(q)
-    best = tf.gather(t, tf.argmin(f))
-    return tf.stack([best, 1.0 - best])

@@ -59,8 +59,14 @@ def hand_step(model: keras.Model, m: int, jacobian: bool) -> Callable:
         per_key = [tape.gradient(part, variables) for part in parts]
         rows = [[g[j] for j in trunk] for g in per_key]
         if m <= 3:
-            gramian.assign(tf.stack([tf.stack([tf.add_n([tf.reduce_sum(p * q) for p, q in zip(rows[a], rows[b])])
-                                               for b in range(m)]) for a in range(m)]))  # fmt: skip
+            dot = {
+                (a, b): tf.add_n(
+                    [2.0 * tf.nn.l2_loss(p) if a == b else tf.reduce_sum(p * q) for p, q in zip(rows[a], rows[b])]
+                )
+                for a in range(m)
+                for b in range(a, m)
+            }
+            gramian.assign(tf.stack([tf.stack([dot[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)]))
         else:
             stacked = [tf.reshape(tf.stack(per_variable), [m, -1]) for per_variable in zip(*rows)]
             gramian.assign(tf.add_n([tf.matmul(r, r, transpose_b=True) for r in stacked]))

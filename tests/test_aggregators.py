@@ -18,7 +18,7 @@ import tensorflow as tf
 import losses
 from losses import IMTLG, MGDA, AlignedMTL, CAGrad, DualProj, Mean, PCGrad, Sum, UPGrad
 from losses.aggregators import get_aggregator
-from losses.qp import MAX_COMPONENTS
+from losses.qp import MAX_COMPONENTS, simplex_weights
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "torchjd_reference.npz")
 CASES = sorted({key.split("/")[0] for key in REFERENCE.files if "/" in key})
@@ -205,7 +205,7 @@ def test_two_row_closed_forms_equal_the_general_definitions(case):
 @pytest.mark.parametrize("case", list(_two_rows()))
 def test_two_row_cagrad_equals_a_dense_search(case):
     """CAGrad for m = 2 is a 1-D convex problem over w = (t, 1 - t): held against its minimum on a grid of 200,001
-    points (the closed form in losses/qp.py solves f'(t) = 0)."""
+    points (the closed form in losses/aggregators.py solves f'(t) = 0)."""
     J = _two_rows()[case]
     G = J @ J.T
     linear, radius = G @ [0.5, 0.5], 0.5 * np.sqrt(G.sum() / 4)
@@ -217,3 +217,17 @@ def test_two_row_cagrad_equals_a_dense_search(case):
     weights = np.zeros(2) if norm < 1e-4 * np.sqrt(np.trace(G)) else 0.5 + radius / norm * w
     ours = CAGrad(c=0.5)(tf.constant(J)).numpy()
     assert np.linalg.norm(ours - J.T @ weights) <= 1e-4 * (np.linalg.norm(J.T @ weights) + 1e-6 * np.linalg.norm(J))
+
+
+@pytest.mark.parametrize("case", list(_two_rows()))
+def test_two_row_cagrad_equals_the_active_set_solver(case):
+    """The m = 2 closed form against the general solver (every active set, used for m >= 3) on the same problem."""
+    G = _two_rows()[case] @ _two_rows()[case].T
+    mean = np.array([0.5, 0.5])
+    radius = 0.5 * np.sqrt(mean @ G @ mean)
+    w = simplex_weights(tf.constant(G), linear=tf.constant(G @ mean), norm=radius).numpy()
+    norm = np.sqrt(max(w @ G @ w, 0.0))
+    expected = np.zeros(2) if norm < 1e-4 * np.sqrt(np.trace(G)) else mean + radius / norm * w
+    J = _two_rows()[case]
+    ours = CAGrad(c=0.5).weights(tf.constant(G)).numpy()
+    assert np.linalg.norm(J.T @ (ours - expected)) <= 1e-7 * (np.linalg.norm(J.T @ expected) + np.linalg.norm(J))
