@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from losses.aggregators import AGGREGATORS, WEIGHTINGS
+from losses.aggregators import AGGREGATORS, WEIGHTINGS, Aggregator, UPGrad
 from trainer import Trainer
 
 STEPS = 400
@@ -37,16 +37,17 @@ def heads_loss(m: int) -> Callable:
     return loss
 
 
-def hand_step(model: keras.Model, m: int, jacobian: bool) -> Callable:
+def hand_step(model: keras.Model, m: int, jacobian: bool, aggregator: Aggregator | None = None) -> Callable:
     """The least a step can do, by hand, no tapeloop: the plain step (one backward pass, SGD), or (``jacobian``)
     each head's gradient from one persistent tape, the Gramian of the trunk's gradients (kept in a variable, as
     statistics are: the pairs' products for m <= 3, stacked rows' matrix products above, the cheaper forms measured)
-    and Mean's direction (the trunk gets the components' mean, each head its own gradient)."""
+    and Mean's direction (the trunk gets the components' mean, each head its own gradient) — or, with an
+    ``aggregator``, its weights from the Gramian (the library's solver, float64) and the trunk's weighted rows."""
     optimizer = keras.optimizers.SGD(1e-3)
     variables = model.trainable_variables
     optimizer.build(variables)
     trunk = [j for j, v in enumerate(variables) if not any(f"task{i}" in v.path for i in range(m))]
-    gramian = tf.Variable(tf.zeros([m, m]), trainable=False)
+    kept = tf.Variable(tf.zeros([m, m]), trainable=False)
 
     def step(x, y):
         with tf.GradientTape(persistent=jacobian) as tape:
@@ -66,12 +67,22 @@ def hand_step(model: keras.Model, m: int, jacobian: bool) -> Callable:
                 for a in range(m)
                 for b in range(a, m)
             }
-            gramian.assign(tf.stack([tf.stack([dot[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)]))
+            gramian = tf.stack([tf.stack([dot[min(a, b), max(a, b)] for b in range(m)]) for a in range(m)])
         else:
             stacked = [tf.reshape(tf.stack(per_variable), [m, -1]) for per_variable in zip(*rows)]
-            gramian.assign(tf.add_n([tf.matmul(r, r, transpose_b=True) for r in stacked]))
-        grads = [tf.add_n([g[j] for g in per_key if g[j] is not None]) for j in range(len(variables))]
-        grads = [g / m if j in trunk else g for j, g in enumerate(grads)]  # the trunk's: the mean; a head's: its own
+            gramian = tf.add_n([tf.matmul(r, r, transpose_b=True) for r in stacked])
+        kept.assign(gramian)
+        if aggregator is None:  # the trunk's: the mean; a head's: its own
+            grads = [tf.add_n([g[j] for g in per_key if g[j] is not None]) for j in range(len(variables))]
+            grads = [g / m if j in trunk else g for j, g in enumerate(grads)]
+        else:
+            w = tf.unstack(tf.cast(aggregator.weights(tf.cast(gramian, tf.float64)), tf.float32))
+            grads = [
+                tf.add_n([w[i] * g[j] for i, g in enumerate(per_key)])
+                if j in trunk
+                else tf.add_n([g[j] for g in per_key if g[j] is not None])
+                for j in range(len(variables))
+            ]
         optimizer.apply(grads, variables)
 
     @tf.function(autograph=False)
@@ -97,15 +108,17 @@ def aggregator_costs(timed_rounds: Callable, paired: Callable, rounds: int) -> d
             trainer = Trainer(trunk_model(m), optimizer=keras.optimizers.SGD(1e-3), loss=heads_loss(m),
                               aggregator=None if name == "plain" else name)  # fmt: skip
             runs[name] = lambda t=trainer, d=data: t.fit(d, epochs=1, progress=False)
-        for name in ("hand plain", "hand work"):
+        for name in ("hand plain", "hand work", "hand upgrad"):
             keras.utils.set_random_seed(0)
-            epoch = hand_step(trunk_model(m), m, jacobian=name == "hand work")
+            upgrad = UPGrad() if name == "hand upgrad" else None
+            epoch = hand_step(trunk_model(m), m, jacobian=name != "hand plain", aggregator=upgrad)
             runs[name] = lambda e=epoch, d=data: e(iter(d), tf.constant(STEPS))
         times = timed_rounds(runs, rounds, clock=time.process_time)
         found[m] = {
             name: {"steps_per_s": STEPS / min(times[name]), "cost": 1 / paired(times, name, "plain")} for name in runs
         }
-        found[m]["hand work"]["cost"] = 1 / paired(times, "hand work", "hand plain")
+        for name in ("hand work", "hand upgrad"):
+            found[m][name]["cost"] = 1 / paired(times, name, "hand plain")
         found[m]["hand plain"]["cost"] = 1 / paired(times, "hand plain", "plain")
     return found
 
@@ -119,7 +132,8 @@ def print_aggregators(found: dict) -> None:
         print(f"{name:<12}{cells}")
     for m, target in TARGETS.items():
         worst = max(v["cost"] for n, v in found[m].items() if n != "plain" and not n.startswith("hand"))
-        floor = found[m]["hand work"]["cost"]
-        print(f"m={m}: worst {worst:.2f}x (target <= {target}x); the work itself, by hand: {floor:.2f}x")
-    print("(hand plain: a hand-written plain step against tapeloop's; hand work: the m backward passes, the Gramian")
-    print(" and the mean direction written by hand, against the hand-written plain step)")
+        floor, upgrad = found[m]["hand work"]["cost"], found[m]["hand upgrad"]["cost"]
+        print(f"m={m}: worst {worst:.2f}x (target <= {target}x); the work itself, by hand: {floor:.2f}x "
+              f"(mean), {upgrad:.2f}x (upgrad)")  # fmt: skip
+    print("(hand plain: a hand-written plain step against tapeloop's; hand work / hand upgrad: the m backward passes,")
+    print(" the Gramian and the mean's / UPGrad's direction written by hand, against the hand-written plain step)")
