@@ -255,3 +255,31 @@ def test_dwa_weights_follow_the_last_two_epoch_losses():
         expected = 3 * np.exp(ratios / 2.0) / np.exp(ratios / 2.0).sum()
         np.testing.assert_allclose([history[f"loss_weight/{k}"][epoch] for k in keys], expected, rtol=1e-5)
     assert "loss_weighting" in trainer.checkpoint_state()
+
+
+@pytest.mark.parametrize(("m", "name"), [(2, "mean"), (2, "upgrad"), (4, "upgrad")])
+def test_the_benchs_hand_written_floors_do_the_trainers_work(m, name):
+    """scripts/bench_aggregators.py times a hand-written step as the floor under each aggregator's cost: it must update
+    the weights as the Trainer does (m = 4 takes the stacked rows' Gramian)."""
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        from bench_aggregators import hand_step, heads_loss, trunk_model
+    finally:
+        sys.path.remove(scripts)
+    rng = np.random.default_rng(0)
+    x = rng.random((96, 100), dtype=np.float32)
+    y = {f"task{i}": rng.normal(size=(96, 1)).astype(np.float32) * (i + 1) * (-1) ** i for i in range(m)}
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    keras.utils.set_random_seed(0)
+    trained = trunk_model(m)
+    keras.utils.set_random_seed(0)
+    by_hand_model = trunk_model(m)
+    Trainer(trained, optimizer=keras.optimizers.SGD(1e-3), loss=heads_loss(m), aggregator=name).fit(data, verbose=0)
+    step = hand_step(by_hand_model, m, jacobian=True, aggregator=UPGrad() if name == "upgrad" else None)
+    step(iter(data), tf.constant(3))
+    for ours, theirs in zip(trained.trainable_variables, by_hand_model.trainable_variables, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-7)
