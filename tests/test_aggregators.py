@@ -222,12 +222,12 @@ def test_two_row_cagrad_equals_a_dense_search(case):
 @pytest.mark.parametrize("case", list(_two_rows()))
 def test_two_row_cagrad_equals_the_active_set_solver(case):
     """The m = 2 closed form against the general solver (every active set, used for m >= 3) on the same problem."""
-    G = _two_rows()[case] @ _two_rows()[case].T
+    J = _two_rows()[case]
+    G = J @ J.T
     mean = np.array([0.5, 0.5])
     radius = 0.5 * np.sqrt(mean @ G @ mean)
     w = simplex_weights(tf.constant(G), linear=tf.constant(G @ mean), norm=radius).numpy()
     norm = np.sqrt(max(w @ G @ w, 0.0))
     expected = np.zeros(2) if norm < 1e-4 * np.sqrt(np.trace(G)) else mean + radius / norm * w
-    J = _two_rows()[case]
     ours = CAGrad(c=0.5).weights(tf.constant(G)).numpy()
     assert np.linalg.norm(J.T @ (ours - expected)) <= 1e-7 * (np.linalg.norm(J.T @ expected) + np.linalg.norm(J))
