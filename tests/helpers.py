@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
+
+import losses
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def readme_definition(name: str):
+    """Execute the README's definition of function or class ``name`` (as printed) and return it."""
+    heads = (f"def {name}(", f"class {name}(")
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README, re.S)]
+    lines = next(b for b in blocks if any(h in b for h in heads)).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heads))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
+    namespace = {"keras": keras, "tf": tf, "losses": losses}
+    exec("\n".join(lines[start:end]), namespace)
+    return namespace[name]
 
 
 def example1(regularizer: float | None = None) -> keras.Model:

@@ -1,4 +1,4 @@
-"""Held against code nobody here wrote: Model.fit/evaluate with the same model, data and order, and the keras.io VAE.
+"""Held against code nobody here wrote: Model.fit/evaluate on the same model, data and order; keras.io's VAE, Distiller.
 
 Keras' epoch trackers weight batches by the *static* batch size, None in its graph, so with a partial last batch its
 epoch values are unweighted means of batch means (see test_keras_parity.py). Every case here uses full batches.
@@ -290,3 +290,78 @@ def test_keras_io_vae_matches_its_own_train_step_under_fit():
         encoder.weights + decoder.weights, reference.encoder.weights + reference.decoder.weights
     ):
         np.testing.assert_allclose(np.asarray(mine), np.asarray(keras_weight), rtol=RTOL, atol=ATOL)
+
+
+# -- keras.io "Knowledge Distillation" (its Keras 3 form: compute_loss) -----------------------------------------------
+
+
+class Distiller(keras.Model):
+    """keras.io's Distiller: ``alpha``·student loss + (1 - alpha)·T²·KL(soft teacher || soft student)."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+
+    def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha=0.1, temperature=3):
+        super().compile(optimizer=optimizer, metrics=metrics)
+        self.student_loss_fn = student_loss_fn
+        self.distillation_loss_fn = distillation_loss_fn
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, allow_empty=False):
+        teacher_pred = self.teacher(x, training=False)
+        student_loss = self.student_loss_fn(y, y_pred)
+        distillation_loss = self.distillation_loss_fn(
+            ops.softmax(teacher_pred / self.temperature, axis=1), ops.softmax(y_pred / self.temperature, axis=1)
+        ) * (self.temperature**2)
+        return self.alpha * student_loss + (1 - self.alpha) * distillation_loss
+
+    def call(self, x):
+        return self.student(x)
+
+
+def _teacher_and_student() -> tuple[keras.Model, keras.Model]:
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential([keras.Input((12,)), layers.Dense(32, "relu"), layers.Dropout(0.5), layers.Dense(5)])
+    student = keras.Sequential([keras.Input((12,)), layers.Dense(8, "relu"), layers.Dense(5)])
+    teacher.trainable = False
+    return teacher, student
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["inference-layer", "functional-training-false"])
+def test_readme_distillation_matches_the_keras_io_distiller_under_fit(wrapped):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(128, 12)).astype("float32"), rng.integers(0, 5, 128)
+    teacher, student = _teacher_and_student()
+    reference = Distiller(student, teacher)
+    reference.compile(
+        keras.optimizers.Adam(1e-2),
+        [],
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.losses.KLDivergence(),
+        alpha=0.1,
+        temperature=3,
+    )
+    theirs = reference.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history
+
+    inference, distillation = helpers.readme_definition("Inference"), helpers.readme_definition("distillation")
+    teacher, mine = _teacher_and_student()
+    inp = keras.Input((12,))
+    soft_targets = inference(teacher)(inp) if wrapped else teacher(inp, training=False)
+    model = keras.Model(inp, {"student": mine(inp), "teacher": soft_targets})
+    weights = {"kd/student": 0.1, "kd/distillation": 0.9}
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-2), loss={"kd": distillation}, loss_weights=weights)
+    ours = trainer.fit((x, {"label": y}), batch_size=16, epochs=3, shuffle=False, progress=False).history
+
+    if not wrapped:  # Keras 3 passes the model's training=True on to the teacher: its dropout is on
+        assert not np.allclose(ours["loss"], theirs["loss"], rtol=1e-2)
+        return
+    _assert_history(ours, theirs, {"loss": "loss"})
+    np.testing.assert_allclose(0.1 * np.array(ours["kd/student"]) + 0.9 * np.array(ours["kd/distillation"]),
+                               ours["loss"], rtol=RTOL)  # fmt: skip
+    _assert_weights(mine, student)
+    assert not teacher.trainable_weights and all(
+        np.array_equal(a, b) for a, b in zip(helpers.weights(teacher), helpers.weights(reference.teacher))
+    )

@@ -1,34 +1,16 @@
 """The README's examples run as written."""
 
-import re
-import textwrap
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import losses
+from tests import helpers
 from trainer import Trainer
-
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def _function(name: str):
-    """Execute the README's definition of function ``name`` and return it."""
-    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README, re.S)]
-    block = next(b for b in blocks if f"def {name}(" in b)
-    lines = block.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"def {name}("))
-    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
-    namespace = {"keras": keras, "tf": tf, "losses": losses}
-    exec("\n".join(lines[start:end]), namespace)
-    return namespace[name]
 
 
 def test_readme_multibox_example_trains_with_the_documented_keys():
-    multibox = _function("multibox")
+    multibox = helpers.readme_definition("multibox")
     anchors, classes = 6, 3
     inp = keras.layers.Input((8,))
     boxes = keras.layers.Reshape((anchors, 4), name="boxes")(keras.layers.Dense(anchors * 4)(inp))
@@ -53,7 +35,7 @@ def test_readme_multibox_example_trains_with_the_documented_keys():
 
 
 def test_readme_seed002_example_logs_both_parts():
-    bce_mse = _function("bce_mse")
+    bce_mse = helpers.readme_definition("bce_mse")
     inp = keras.layers.Input((3,))
     model = keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(inp))
     x = np.random.default_rng(1).normal(size=(16, 3)).astype("float32")
@@ -63,7 +45,7 @@ def test_readme_seed002_example_logs_both_parts():
 
 
 def test_readme_global_normalizer_example_matches_numpy():
-    masked_mse = _function("masked_mse")
+    masked_mse = helpers.readme_definition("masked_mse")
     rng = np.random.default_rng(2)
     pred, depth = rng.normal(size=(2, 5, 5)), rng.normal(size=(2, 5, 5))
     mask = (rng.random((2, 5, 5)) > 0.5).astype("float64")
