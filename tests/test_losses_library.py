@@ -112,6 +112,19 @@ def test_focal_loss_matches_numpy(gamma, alpha):
     assert value.numpy() == pytest.approx(numpy_focal(labels[0], logits[0], gamma, alpha).mean(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("gamma", "alpha"), [(0.0, None), (2.0, None), (3.5, 0.4)])
+def test_focal_loss_matches_keras_categorical_focal_crossentropy(gamma, alpha):
+    """Keras' own focal loss (one-hot labels, a scalar alpha for every class) is the outside reference; tapeloop's
+    alpha weighs the background class 0 by 1 - alpha, so with an alpha the labels here are object classes only."""
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0 if alpha is None else 1, 5, 64)
+    logits = rng.normal(size=(64, 5)).astype(np.float32) * 2
+    keras_focal = keras.losses.CategoricalFocalCrossentropy(alpha=1.0 if alpha is None else alpha, gamma=gamma,
+                                                            from_logits=True)  # fmt: skip
+    expected = keras_focal(np.eye(5, dtype=np.float32)[labels], logits).numpy()
+    assert SparseFocalLoss(gamma=gamma, alpha=alpha)(labels, logits).numpy() == pytest.approx(expected, rel=1e-6)
+
+
 def test_multibox_focal_option_matches_numpy():
     box_pred, logits, box_true, labels = _case(7)
     got = MultiBoxLoss(focal_gamma=2.0, focal_alpha=0.25)(
