@@ -102,11 +102,16 @@ def test_sparse_labels_of_the_wrong_shape():
     )
 
 
+def test_inputs_alone_for_a_loss_that_reads_targets_names_the_target():
+    trainer = Trainer(helpers.example1(), loss=LOSSES)
+    message = "reads target 'regression_output', which does not exist; the data's targets are: (none)"
+    _fails_before_update(trainer, MissingKeyError, re.escape(message), np.zeros((4, 100), np.float32))
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         ((np.zeros((4, 100)), np.zeros((4, 1))), "targets must be a dict"),
-        ((np.zeros((4, 100)),), "must be a pair"),
         ((np.zeros((0, 100)), {"regression_output": np.zeros((0, 1))}), "training data is empty"),
         (
             (np.zeros((4, 100)), {"regression_output": np.zeros((4, 1)), "classification_output": np.zeros((3, 3))}),

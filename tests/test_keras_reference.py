@@ -78,6 +78,78 @@ def test_class_weight_matches_fit():
     _assert_weights(model, twin)
 
 
+def _two_inputs() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    first, second = layers.Input((5,), name="first"), layers.Input((3,), name="second")
+    return keras.Model([first, second], layers.Dense(1)(layers.Concatenate()([first, second])))
+
+
+def test_a_list_of_input_arrays_is_the_models_inputs_as_in_fit():
+    """``fit([x1, x2], y)``: Keras' multi-input form (tf.data alone would stack the list into one tensor)."""
+    x, y, _ = _regression()
+    inputs = [x, x[:, :3] ** 2]
+    model = _two_inputs()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    theirs = twin.fit(inputs, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    ours = trainer.fit(inputs, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    _assert_history(ours, theirs, {"loss": "loss"})
+    _assert_weights(model, twin)
+    assert trainer.evaluate(inputs, y, batch_size=8)["loss"] == pytest.approx(twin.evaluate(inputs, y, verbose=0))
+    np.testing.assert_allclose(trainer.predict(inputs, batch_size=8)["output"], twin.predict(inputs, verbose=0),
+                               rtol=RTOL, atol=ATOL)  # fmt: skip
+
+
+class TripletNet(keras.Model):
+    """Model.fit's side of a loss that reads no target: the mean triplet margin loss over the batch."""
+
+    def __init__(self, network: keras.Model) -> None:
+        super().__init__()
+        self.network = network
+
+    def call(self, x):
+        return self.network(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwargs):
+        return ops.mean(ops.maximum(y_pred["ap"] - y_pred["an"] + 0.5, 0.0))
+
+
+def _triplet_network() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    embed = keras.Sequential([layers.Input((6,)), layers.Dense(8, "relu"), layers.Dense(4)])
+    inputs = [layers.Input((6,), name=name) for name in ("anchor", "positive", "negative")]
+    anchor, positive, negative = (embed(i) for i in inputs)
+    distance = lambda a, b: ops.sum(ops.square(a - b), axis=-1)  # noqa: E731
+    return keras.Model(inputs, {"ap": distance(anchor, positive), "an": distance(anchor, negative)})
+
+
+@pytest.mark.parametrize("form", ["list", "dict", "pair-with-no-targets", "dataset-of-inputs"])
+def test_inputs_alone_train_a_loss_that_reads_no_target_as_fit_x_does(form):
+    rng = np.random.default_rng(4)
+    a, p, n = (rng.normal(size=(48, 6)).astype("float32") for _ in range(3))
+    reference = TripletNet(_triplet_network())
+    reference.compile(optimizer=keras.optimizers.Adam(1e-2))
+    theirs = reference.fit([a, p, n], batch_size=16, epochs=3, shuffle=False, verbose=0).history
+    data = {
+        "list": [a, p, n],
+        "dict": {"anchor": a, "positive": p, "negative": n},
+        "pair-with-no-targets": ([a, p, n], {}),
+        "dataset-of-inputs": tf.data.Dataset.from_tensor_slices(((a, p, n),)).batch(16),
+    }[form]
+    model = _triplet_network()
+
+    def triplet(outputs, targets):
+        return tf.reduce_mean(tf.maximum(outputs["ap"] - outputs["an"] + 0.5, 0.0))
+
+    batch = None if form == "dataset-of-inputs" else 16
+    ours = Trainer(model, optimizer=keras.optimizers.Adam(1e-2), loss=triplet).fit(
+        data, batch_size=batch, epochs=3, shuffle=False, progress=False
+    )
+    _assert_history(ours.history, theirs, {"loss": "loss"})
+    _assert_weights(model, reference.network)
+
+
 def test_per_output_sample_weights_and_y_as_a_list_match_fit():
     x, y = helpers.example1_data(32)
     rng = np.random.default_rng(5)

@@ -30,6 +30,17 @@ def _as_array(value: Any) -> np.ndarray:
     return array
 
 
+def _no_lists(structure: Any) -> Any:
+    """Lists as tuples: tf.data reads a list as one tensor to stack, Keras a list of inputs as several inputs."""
+    if isinstance(structure, list):
+        return tuple(_no_lists(value) for value in structure)
+    if isinstance(structure, Mapping):
+        return {key: _no_lists(value) for key, value in structure.items()}
+    if type(structure) is tuple:
+        return tuple(_no_lists(value) for value in structure)
+    return structure
+
+
 def _leaves(structure: Any, prefix: str) -> list[tuple[str, Any]]:
     if isinstance(structure, Mapping):
         return [pair for key, value in structure.items() for pair in _leaves(value, f"{prefix}[{key!r}]")]
@@ -115,14 +126,13 @@ class Data:
             if not isinstance(y, Mapping):
                 raise DataError(
                     f"{self.what}: targets must be a dict {{target name: array}} (each named after the output it "
-                    f"belongs to, e.g. {{'output': y}}); got a {type(y).__name__}."
+                    f"belongs to, e.g. {{'output': y}}; {{}} for a loss that reads no target); "
+                    f"got a {type(y).__name__}."
                 )
-            if not y:
-                raise DataError(f"{self.what}: the target dict is empty.")
-            arrays = (tf.nest.map_structure(_as_array, x), {k: _as_array(v) for k, v in y.items()})
+            arrays = (_no_lists(tf.nest.map_structure(_as_array, x)), {k: _as_array(v) for k, v in y.items()})
             leaves = _leaves(arrays[0], "x") + _leaves(arrays[1], "targets")
         else:
-            arrays = tf.nest.map_structure(_as_array, source)
+            arrays = _no_lists(tf.nest.map_structure(_as_array, source))
             leaves = _leaves(arrays, "x")
         scalars = [name for name, a in leaves if a.ndim == 0]
         if scalars:

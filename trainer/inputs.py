@@ -95,6 +95,8 @@ def _with_weights(
 def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames) -> tf.data.Dataset:
     """A dataset of Keras' ``(x, y)`` with ``y`` one tensor, or ``(x, y, sample_weight)``, in tapeloop's form."""
     spec = dataset.element_spec
+    if isinstance(spec, tf.TypeSpec) or (isinstance(spec, tuple) and len(spec) == 1):
+        return dataset.map(lambda x: (x, {}))  # inputs alone, as Keras reads them: no targets
     if not isinstance(spec, tuple) or len(spec) not in (2, 3) or (isinstance(spec[1], Mapping) and len(spec) == 2):
         return dataset  # tapeloop's form already, or something Data will reject with its own message
     single = not isinstance(spec[1], (Mapping, tuple, list))
@@ -125,7 +127,8 @@ def keras_source(
 ) -> Any:
     """``x``/``y``/``sample_weight``/``class_weight`` as ``Model.fit`` takes them, in tapeloop's form.
 
-    ``y=None`` keeps tapeloop's own forms (``x = (inputs, {name: array})``, a dataset, or inputs alone).
+    ``y=None`` keeps tapeloop's own forms (``x = (inputs, {name: array})`` or a dataset); any other ``x`` (an array,
+    a dict, a list or tuple of other than two) is inputs alone, with no targets, as in ``Model.fit(x)``.
     ``y`` may be a dict by output name, a list in output order, or one array for a single-output model.
     """
     if isinstance(x, tf.data.Dataset):
@@ -138,7 +141,9 @@ def keras_source(
     if y is None:
         if sample_weight is not None or class_weight is not None:
             raise DataError(f"{what}: sample_weight and class_weight need y (or x = (inputs, {{name: target}})).")
-        return x
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            return x  # tapeloop's (inputs, {name: target}); Data names what is wrong with any other pair
+        return x, {}  # inputs alone, as Model.fit(x) takes them: a loss that reads no target
     needs_names = not isinstance(y, Mapping) or isinstance(sample_weight, (Mapping, list, tuple))
     outputs = output_names(_first_inputs(x)) if needs_names else list(y)
     targets = _with_weights(_keyed(y, outputs, what, "y"), sample_weight, class_weight, outputs, what)
