@@ -94,6 +94,28 @@ def test_mixed_precision_trains_close_to_float32(name, policy):
         np.testing.assert_allclose(history[key], reference[key], rtol=tolerance, atol=1e-3, err_msg=key)
 
 
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_matches_model_fit_under_the_same_policy(name, policy):
+    """Model.fit is the outside reference: the same model, data and order under the policy, its loss scaling
+    (a LossScaleOptimizer for float16, as compile wraps it) included."""
+    policy(name)
+    x, y = helpers.example1_data(256)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    keras.utils.set_random_seed(0)
+    twin = helpers.example1()
+    twin.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses)
+    theirs = twin.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0).history
+    keras.utils.set_random_seed(0)
+    model = helpers.example1()
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-3), loss=losses)
+    ours = trainer.fit(x, y, batch_size=32, epochs=3, shuffle=False, progress=False).history
+    assert type(trainer.optimizer) is type(twin.optimizer)
+    for mine, keras_key in {"loss": "loss", **{k: f"{k}_loss" for k in losses}}.items():
+        np.testing.assert_allclose(ours[mine], theirs[keras_key], rtol=1e-6, err_msg=mine)
+    for a, b in zip(helpers.weights(model), helpers.weights(twin), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_steps_the_loss_scaler_skips_are_not_non_finite_losses(policy):
     """An absurd initial scale overflows float16 gradients: the scaler skips and lowers the scale; the losses are
     finite, so nan_policy="raise" says nothing."""
