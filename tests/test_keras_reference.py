@@ -211,6 +211,17 @@ def test_evaluate_with_sample_weight_matches_keras_and_return_dict_false_is_its_
     )
 
 
+@pytest.mark.parametrize("element", ["x", "(x,)", "(x, y)", "(x, y, sample_weight)", "(x, {name: y})"])
+def test_predict_on_a_dataset_reads_the_inputs_as_keras_does(element):
+    x, y, weights = _regression(24)
+    model = _single_output()
+    parts = {"x": x, "(x,)": (x,), "(x, y)": (x, y), "(x, y, sample_weight)": (x, y, weights),
+             "(x, {name: y})": (x, {"output": y})}[element]  # fmt: skip
+    dataset = tf.data.Dataset.from_tensor_slices(parts).batch(8)
+    trainer = Trainer(model, optimizer="sgd", loss="mse")
+    np.testing.assert_allclose(trainer.predict(dataset)["output"], model.predict(dataset, verbose=0), rtol=RTOL)
+
+
 def test_a_dataset_of_keras_x_y_sample_weight_batches_matches_fit():
     x, y, weights = _regression()
     dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(8)

@@ -105,8 +105,8 @@ class Data:
 
     def _check_dataset(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         spec = dataset.element_spec
-        if not self.with_targets:
-            return dataset.map(lambda x, y: x) if _element_tuple(spec) else dataset
+        if not self.with_targets:  # the inputs: x of (x, targets) and of Keras' (x,), (x, y), (x, y, sample_weight)
+            return dataset.map(lambda x, *rest: x) if isinstance(spec, tuple) and len(spec) <= 3 else dataset
         if not _element_tuple(spec):
             raise DataError(
                 f"{self.what}: each dataset element must be {_SHAPE_HINT} with the targets a dict keyed by name; "
