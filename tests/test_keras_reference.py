@@ -4,6 +4,8 @@ Keras' epoch trackers weight batches by the *static* batch size, None in its gra
 epoch values are unweighted means of batch means (see test_keras_parity.py). Every case here uses full batches.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -167,6 +169,40 @@ def test_per_output_sample_weights_and_y_as_a_list_match_fit():
     keys = {"loss": "loss", "regression_output": "regression_output_loss"}
     _assert_history(ours, theirs, {**keys, "classification_output": "classification_output_loss"})
     _assert_weights(model, twin)
+
+
+def test_compiles_list_forms_of_loss_loss_weights_and_metrics_match_fit():
+    """``compile(loss=[...], loss_weights=[...], metrics=[[...], [...]])``: one entry per output, in output order."""
+    x, y = helpers.example1_data(32)
+    kwargs = {
+        "loss": ["mse", "categorical_crossentropy"],
+        "loss_weights": [2.0, 0.5],
+        "metrics": [["mae"], ["accuracy"]],
+    }
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    keys = {"loss": "loss", "regression_output/mae": "regression_output_mae"}
+    keys.update({"classification_output/accuracy": "classification_output_accuracy"})
+    _assert_history(ours, theirs, {**keys, **{k: f"{k}_loss" for k in ("regression_output", "classification_output")}})
+    _assert_weights(model, twin)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"loss": ["mse"]}, ValueError, "`loss` is a list of 1 but the model has 2 outputs"),
+        ({"loss": {"regression_output": "mse"}, "loss_weights": [1.0, 2.0, 3.0]}, ValueError, "list of 3"),
+        ({"loss": {"output": "mse"}, "metrics": [["mae"], ["mae"]], "one": True}, TypeError, "several outputs"),
+    ],
+)
+def test_compiles_list_forms_need_one_entry_per_output(kwargs, exc, message):
+    model = _single_output() if kwargs.pop("one", False) else helpers.example1()
+    with pytest.raises(exc, match=re.escape(message)):
+        Trainer(model, **kwargs)
 
 
 def test_initial_epoch_validation_freq_batch_size_and_steps_match_fit():

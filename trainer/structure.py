@@ -21,6 +21,7 @@ __all__ = [
     "KeyedView",
     "as_output_dict",
     "batch_size_of",
+    "by_output_order",
     "call_reader",
     "given",
     "graph_ready",
@@ -49,6 +50,30 @@ def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[st
     raise TypeError(
         f"The model returned {type(value).__name__}; expected a tensor, a list/tuple of tensors or a dict of them."
     )
+
+
+def by_output_order(what: str, value: object, model: object, *, per_output: bool = True) -> object:
+    """Keras compile's list form of ``loss``, ``loss_weights`` or ``metrics`` — one entry per output in
+    ``model.output_names`` order, None for none — as the dict by output name tapeloop takes; other values as given.
+
+    ``per_output=False`` (``metrics``) converts only a list of lists: a flat list is Keras' one-output form.
+    """
+    flat = not per_output and not all(entry is None or isinstance(entry, (list, tuple)) for entry in value or [])
+    if not isinstance(value, (list, tuple)) or not value or flat:
+        return value
+    outputs = list(getattr(model, "output_names", None) or [])
+    if len(outputs) < 2:
+        raise TypeError(
+            f"`{what}` is a list, Keras' form for a model with several outputs (read in model.output_names order); "
+            f"this model has {names(outputs) if outputs else 'no output_names'}: give a dict {{output name: ...}}"
+            + (" or the loss itself." if what == "loss" else ".")
+        )
+    if len(value) != len(outputs):
+        raise ValueError(
+            f"`{what}` is a list of {len(value)} but the model has {len(outputs)} outputs ({names(outputs)}); give "
+            "one entry per output, in that order, or a dict by output name."
+        )
+    return {name: entry for name, entry in zip(outputs, value) if entry is not None}
 
 
 def output_hint(model: object) -> Callable[[str], str]:

@@ -45,7 +45,7 @@ from trainer.options import (
 from trainer.predict import Predictor
 from trainer.runner import BlockRunner
 from trainer.step import Steps
-from trainer.structure import preserved
+from trainer.structure import by_output_order, preserved
 from trainer.tracking import Tracker
 from trainer.update import StepMath
 from trainer.writers import WriterCallback, progress_writers
@@ -119,8 +119,9 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
             self.optimizer = make_optimizer(optimizer)
+        loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
-        self._metrics = MetricSpec(metrics)
+        self._metrics = MetricSpec(by_output_order("metrics", metrics, model, per_output=False))
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._names: list[str] | None = None  # the model's output names, once known
