@@ -210,6 +210,8 @@ def fit_data(
             )
     elif validation_split:
         source, val_source = split_validation(source, validation_split)
+        if class_weight is not None:  # Keras weighs only the training examples by class, not the validation split
+            val_source = val_source[0], {k: v for k, v in val_source[1].items() if k != sample_weight_key()}
     train = Data(source, what="training data", batch_size=batch_size, shuffle=shuffle, seed=seed)
     val = None
     if val_source is not None:
