@@ -231,6 +231,27 @@ def test_initial_epoch_validation_freq_batch_size_and_steps_match_fit():
     _assert_weights(model, twin)
 
 
+def test_steps_per_epoch_on_arrays_matches_fit_until_the_data_runs_out_then_restarts_it():
+    """One iterator across epochs, as Keras. Where Keras 3 runs out of data it warns and ends training in the middle
+    of an epoch; tapeloop restarts the data and runs every step asked for (a deliberate difference)."""
+    x, y, _ = _regression(40)  # 5 batches of 8
+    model = _single_output()
+    twin, four_steps = helpers.clone(model), helpers.clone(model)
+    args = {"batch_size": 8, "steps_per_epoch": 2, "shuffle": False, "verbose": 0}
+    for reference in (twin, four_steps):
+        reference.compile(optimizer=keras.optimizers.SGD(0.02), loss="mse")
+    four_steps.fit(x, y, epochs=2, **args)  # batches 1-2, 3-4: the data suffices
+    with pytest.warns(UserWarning, match="ran out of data"):
+        theirs = twin.fit(x, y, epochs=3, **args).history  # then batch 5, and Keras stops
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.02), loss="mse")
+    ours = trainer.fit(x, y, epochs=3, progress=False, **{k: v for k, v in args.items() if k != "verbose"}).history
+    _assert_history({"loss": ours["loss"][:2]}, {"loss": theirs["loss"][:2]}, {"loss": "loss"})
+    batch5 = float(np.mean(keras.losses.mean_squared_error(y[32:], four_steps(x[32:])).numpy()))
+    assert theirs["loss"][2] == pytest.approx(batch5, rel=1e-5)  # Keras' third epoch: batch 5 alone
+    assert int(twin.optimizer.iterations) == 5 and trainer.global_step == 6  # ours: batches 5 and 1
+    assert ours["loss"][2] != pytest.approx(batch5, rel=1e-3)
+
+
 def test_evaluate_with_sample_weight_matches_keras_and_return_dict_false_is_its_list():
     x, y, weights = _regression()
     model = _single_output()
