@@ -14,7 +14,7 @@ from keras import layers, ops
 from sklearn.datasets import load_digits
 
 from tests import helpers
-from trainer import Trainer
+from trainer import DataError, Trainer
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -289,6 +289,36 @@ def test_a_dataset_of_keras_x_y_sample_weight_batches_matches_fit():
     ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse").fit(dataset, epochs=2, verbose=0).history
     _assert_history(ours, theirs, {"loss": "loss"})
     _assert_weights(model, twin)
+
+
+@pytest.mark.parametrize("element", ["(x, (y1, y2))", "(x, (y1, y2), (w1, w2))", "(x, {name: y}, w)"])
+def test_a_dataset_of_keras_multi_output_batches_matches_fit(element):
+    """Targets and sample weights in a dataset element as Model.fit reads them: a tuple in output order, a dict by
+    output name, one weight for every output."""
+    x, y = helpers.example1_data(32)
+    in_order = (y["regression_output"], y["classification_output"])
+    rng = np.random.default_rng(2)
+    w1, w2 = rng.uniform(0.2, 2.0, 32).astype("float32"), rng.uniform(0.2, 2.0, 32).astype("float32")
+    parts = {"(x, (y1, y2))": (x, in_order), "(x, (y1, y2), (w1, w2))": (x, in_order, (w1, w2)),
+             "(x, {name: y}, w)": (x, y, w1)}[element]  # fmt: skip
+    dataset = tf.data.Dataset.from_tensor_slices(parts).batch(8)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss=losses)
+    theirs = twin.fit(dataset, epochs=2, shuffle=False, verbose=0).history
+    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=losses).fit(dataset, epochs=2, verbose=0).history
+    _assert_history(ours, theirs, {"loss": "loss", **{k: f"{k}_loss" for k in losses}})
+    _assert_weights(model, twin)
+
+
+def test_a_dataset_whose_targets_do_not_fit_the_outputs_is_named():
+    x, y = helpers.example1_data(16)
+    three = (y["regression_output"], y["classification_output"], y["regression_output"])
+    dataset = tf.data.Dataset.from_tensor_slices((x, three)).batch(8)
+    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse"})
+    with pytest.raises(DataError, match=re.escape("y is a list of 3 arrays but the model has 2 outputs")):
+        trainer.fit(dataset, epochs=1, verbose=0)
 
 
 def test_verbose_zero_prints_nothing_and_two_prints_a_line_per_epoch(capsys):

@@ -92,27 +92,22 @@ def _with_weights(
     return {**targets, sample_weight_key(): sample_weight}
 
 
-def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames) -> tf.data.Dataset:
-    """A dataset of Keras' ``(x, y)`` with ``y`` one tensor, or ``(x, y, sample_weight)``, in tapeloop's form."""
+def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames, what: str) -> tf.data.Dataset:
+    """A dataset of Keras' ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` elements in tapeloop's form:
+    ``y`` and ``sample_weight`` a dict, a tuple in output order or one tensor, as ``Model.fit`` takes them."""
     spec = dataset.element_spec
     if isinstance(spec, tf.TypeSpec) or (isinstance(spec, tuple) and len(spec) == 1):
         return dataset.map(lambda x: (x, {}))  # inputs alone, as Keras reads them: no targets
     if not isinstance(spec, tuple) or len(spec) not in (2, 3) or (isinstance(spec[1], Mapping) and len(spec) == 2):
         return dataset  # tapeloop's form already, or something Data will reject with its own message
-    single = not isinstance(spec[1], (Mapping, tuple, list))
-    name = None
-    if single:
-        outputs = output_names(next(iter(dataset.take(1)))[0])
-        if len(outputs) != 1:
-            return dataset  # one target tensor for several outputs: Data says the targets must be a dict
-        name = outputs[0]
+    outputs = output_names(next(iter(dataset.take(1)))[0])
+    if not isinstance(spec[1], (Mapping, tuple, list)) and len(outputs) != 1:
+        return dataset  # one target tensor for several outputs: Data says the targets must be a dict
 
     def keyed(x, y, weight=None):
-        targets = {name: y} if single else dict(y)
-        if weight is not None:
-            targets[sample_weight_key()] = weight
-        return x, targets
+        return x, _with_weights(_keyed(y, outputs, what, "y"), weight, None, outputs, what)
 
+    keyed(*spec)  # the same on the element's structure: a DataError here, not inside tf.data's tracing
     return dataset.map(keyed)
 
 
@@ -137,7 +132,7 @@ def keras_source(
                 f"{what}: y, sample_weight and class_weight must be None when x is a tf.data.Dataset: its elements "
                 "carry the targets (and sample weights, as a third element)."
             )
-        return _keyed_dataset(x, output_names)
+        return _keyed_dataset(x, output_names, what)
     if y is None:
         if sample_weight is not None or class_weight is not None:
             raise DataError(f"{what}: sample_weight and class_weight need y (or x = (inputs, {{name: target}})).")
