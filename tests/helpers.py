@@ -125,6 +125,25 @@ def small_model(seed: int = 0, dropout: float = 0.2) -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(1, name="y")(hidden))
 
 
+class Batches(keras.utils.PyDataset):
+    """A keras.utils.PyDataset over arrays: batch i is examples [i·b, (i+1)·b); counts its epoch hooks."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.ends = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+    def on_epoch_end(self) -> None:
+        self.ends += 1
+
+
 def small_data(n: int = 44):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, 5)).astype("float32")

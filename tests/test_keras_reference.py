@@ -321,6 +321,34 @@ def test_a_dataset_whose_targets_do_not_fit_the_outputs_is_named():
         trainer.fit(dataset, epochs=1, verbose=0)
 
 
+def test_a_keras_py_dataset_trains_evaluates_and_predicts_as_in_fit():
+    x, y, _ = _regression(44)  # 6 batches of 8, the last of 4
+    xv, yv, _ = _regression(20)
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    theirs_data, theirs_val = helpers.Batches(x, y, 8), helpers.Batches(xv, yv, 8)
+    theirs = twin.fit(theirs_data, validation_data=theirs_val, epochs=3, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    data, val = helpers.Batches(x, y, 8), helpers.Batches(xv, yv, 8)
+    ours = trainer.fit(data, validation_data=val, epochs=3, shuffle=False, progress=False).history
+    _assert_history(ours, theirs, {k: k for k in ("loss", "mae", "val_loss", "val_mae")})
+    _assert_weights(model, twin)
+    assert (data.ends, val.ends) == (3, 3)  # once per pass (Keras 3.15 calls it 4 and 6 times here)
+    assert trainer.evaluate(val)["loss"] == pytest.approx(twin.evaluate(theirs_val, verbose=0)[0], rel=RTOL)
+    np.testing.assert_allclose(trainer.predict(val)["output"], twin.predict(theirs_val, verbose=0), rtol=RTOL)
+
+
+def test_a_python_generator_or_a_py_dataset_that_does_not_fit_the_outputs_is_named():
+    x, y = helpers.example1_data(16)
+    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse"})
+    with pytest.raises(DataError, match="a Python generator can be read only once"):
+        trainer.fit(((x[i : i + 8], y) for i in (0, 8)), epochs=1, verbose=0)
+    one_array = helpers.Batches(x, y["regression_output"], 8)
+    with pytest.raises(DataError, match=re.escape("y is one array but the model has 2 outputs")):
+        trainer.fit(one_array, epochs=1, verbose=0)
+
+
 def test_verbose_zero_prints_nothing_and_two_prints_a_line_per_epoch(capsys):
     x, y, _ = _regression()
     trainer = Trainer(_single_output(), loss="mse")

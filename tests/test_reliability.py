@@ -118,7 +118,9 @@ def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_see
     )
     x, y = helpers.small_data()
     train = (x, y)
-    if dataset:
+    if dataset == "PyDataset":
+        train = helpers.Batches(x, y["output"], 6)
+    elif dataset:
         shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(44, seed=2, reshuffle_each_iteration=False)
         train = shuffled.batch(6).cache().prefetch(2)
     callbacks = [*(callbacks() if callbacks else ()), *([helpers.Crash(trainer, crash_at)] if crash_at else [])]
@@ -129,9 +131,10 @@ def _fit(model, directory, *, crash_at=None, dataset=False, epochs=3, global_see
     return trainer, history
 
 
-@pytest.mark.parametrize("dataset", [False, True], ids=["numpy", "tf.data"])
+@pytest.mark.parametrize("dataset", [False, True, "PyDataset"], ids=["numpy", "tf.data", "PyDataset"])
 def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
-    """Numpy input: shuffle seed + position; a tf.data dataset (shuffle buffer, cache): its iterator's state."""
+    """Numpy input and a PyDataset: shuffle seed + position; a tf.data dataset (shuffle buffer, cache): its
+    iterator's state."""
     reference = helpers.small_model()
     _, ref_history = _fit(reference, tmp_path / "ref", dataset=dataset, checkpoint_every=4)
     model = helpers.small_model()
@@ -141,7 +144,7 @@ def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
     # is shuffled from (seed, epoch) alone: even TensorFlow's global seed may differ. A tf.data shuffle's order
     # depends on the global seed, so that run resumes with the same one (as a rerun with the same --seed does).
     resumed = helpers.small_model(seed=1)
-    global_seed = 5 if dataset else 6
+    global_seed = 5 if dataset is True else 6
     trainer, history = _fit(resumed, tmp_path / "run", dataset=dataset, checkpoint_every=4, global_seed=global_seed)
     assert trainer.global_step == 24
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))

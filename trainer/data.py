@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import DataError
+from trainer.indexed import IndexedBatches, no_lists
 from trainer.options import positive_int
 
 __all__ = ["Data"]
@@ -28,17 +29,6 @@ def _as_array(value: Any) -> np.ndarray:
     if array.dtype == np.float64:
         array = array.astype(np.float32)  # Keras' floatx, as Model.fit does
     return array
-
-
-def _no_lists(structure: Any) -> Any:
-    """Lists as tuples: tf.data reads a list as one tensor to stack, Keras a list of inputs as several inputs."""
-    if isinstance(structure, list):
-        return tuple(_no_lists(value) for value in structure)
-    if isinstance(structure, Mapping):
-        return {key: _no_lists(value) for key, value in structure.items()}
-    if type(structure) is tuple:
-        return tuple(_no_lists(value) for value in structure)
-    return structure
 
 
 def _leaves(structure: Any, prefix: str) -> list[tuple[str, Any]]:
@@ -80,6 +70,13 @@ class Data:
         self.seed = int(seed)
         self.with_targets = with_targets
         self.is_dataset = isinstance(source, tf.data.Dataset)
+        self._batches = source if isinstance(source, IndexedBatches) else None
+        if self._batches is not None:  # a keras.utils.PyDataset: batches by index, ordered like numpy input
+            if batch_size is not None:
+                raise DataError(f"{what}: batch_size applies to numpy input only; a PyDataset is batched already.")
+            self._arrays = self._dataset = None
+            self.steps, self.infinite = self._batches.num_batches, False
+            return
         if self.is_dataset:
             if batch_size is not None:
                 raise DataError(
@@ -129,10 +126,10 @@ class Data:
                     f"belongs to, e.g. {{'output': y}}; {{}} for a loss that reads no target); "
                     f"got a {type(y).__name__}."
                 )
-            arrays = (_no_lists(tf.nest.map_structure(_as_array, x)), {k: _as_array(v) for k, v in y.items()})
+            arrays = (no_lists(tf.nest.map_structure(_as_array, x)), {k: _as_array(v) for k, v in y.items()})
             leaves = _leaves(arrays[0], "x") + _leaves(arrays[1], "targets")
         else:
-            arrays = _no_lists(tf.nest.map_structure(_as_array, source))
+            arrays = no_lists(tf.nest.map_structure(_as_array, source))
             leaves = _leaves(arrays, "x")
         scalars = [name for name, a in leaves if a.ndim == 0]
         if scalars:
@@ -156,13 +153,9 @@ class Data:
             if skip_batches:
                 raise ValueError("skip_batches applies to numpy input; a dataset's iterator is checkpointed instead.")
             return self._dataset
-        if self.shuffle:
-            # The order is a pure function of (seed, epoch) — NumPy's, not tf.data's shuffle, whose order also
-            # depends on TensorFlow's global seed — so a resumed process sees the same epoch whatever it seeded.
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-        else:
-            order = np.arange(self.num_examples)
-        order = order[skip_batches * self.batch_size :]
+        if self._batches is not None:
+            return self._batches.dataset(self._order(self._batches.num_batches, epoch)[skip_batches:])
+        order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
         if self.nbytes <= COPY_LIMIT:
             # Small data: a permuted copy sliced by tf.data, the fastest per batch (half the cost of a gather).
             permuted = tf.nest.map_structure(lambda a: a[order], self._arrays)
@@ -181,6 +174,12 @@ class Data:
         options.deterministic = True
         return ds.with_options(options)
 
+    def _order(self, n: int, epoch: int) -> np.ndarray:
+        """Examples' (PyDataset: batches') order in ``epoch``: a pure function of (seed, epoch) — NumPy's, not
+        tf.data's shuffle, whose order also depends on TensorFlow's global seed — so a resumed process sees the
+        same epoch whatever it seeded."""
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
     def _gather(self, indices: tf.Tensor) -> Any:
         """The examples at ``indices`` (a batch), gathered by NumPy from the arrays, with their static shapes."""
         leaves = tf.nest.flatten(self._arrays)
@@ -195,6 +194,8 @@ class Data:
 
     def first_batch(self) -> Any:
         """The first batch, for checking structure before training. Raises DataError when there is none."""
+        if self._batches is not None:
+            return self._batches.first
         if self._arrays is not None:
             return tf.nest.map_structure(lambda a: tf.convert_to_tensor(a[: self.batch_size]), self._arrays)
         for element in self._dataset.take(1):

@@ -10,9 +10,11 @@ last fraction of the arrays before any shuffling, as ``Model.fit`` does.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -20,6 +22,7 @@ from losses import sample_weight_key
 from trainer.cadence import Every
 from trainer.data import Data
 from trainer.errors import DataError, names
+from trainer.indexed import IndexedBatches
 
 __all__ = [
     "VERBOSE",
@@ -28,6 +31,7 @@ __all__ = [
     "eval_budget",
     "fit_data",
     "keras_source",
+    "python_source",
     "split_validation",
     "validation_due",
 ]
@@ -111,6 +115,29 @@ def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames, what: st
     return dataset.map(keyed)
 
 
+def python_source(x: Any, what: str, output_names: OutputNames | None = None) -> Any:
+    """A ``keras.utils.PyDataset`` as :class:`IndexedBatches` (``output_names`` None: its inputs only, for predict);
+    a Python generator is refused with what to do instead; anything else as given."""
+    if isinstance(x, types.GeneratorType):
+        raise DataError(
+            f"{what}: a Python generator can be read only once; give a keras.utils.PyDataset, or "
+            "tf.data.Dataset.from_generator(make_generator, output_signature=...) with a function that makes one."
+        )
+    if not isinstance(x, keras.utils.PyDataset):
+        return x
+    if output_names is None:
+        return IndexedBatches(x, lambda batch: batch[0], what)
+
+    def key(batch: tuple) -> tuple[Any, dict[str, Any]]:
+        inputs, y, weight = (*batch, None, None)[:3]
+        if y is None:
+            return inputs, {}
+        outputs = output_names(inputs)
+        return inputs, _with_weights(_keyed(y, outputs, what, "y"), weight, None, outputs, what)
+
+    return IndexedBatches(x, key, what)
+
+
 def keras_source(
     x: Any,
     y: Any = None,
@@ -126,13 +153,14 @@ def keras_source(
     a dict, a list or tuple of other than two) is inputs alone, with no targets, as in ``Model.fit(x)``.
     ``y`` may be a dict by output name, a list in output order, or one array for a single-output model.
     """
-    if isinstance(x, tf.data.Dataset):
+    x = python_source(x, what, output_names)
+    if isinstance(x, (tf.data.Dataset, IndexedBatches)):
         if y is not None or sample_weight is not None or class_weight is not None:
             raise DataError(
-                f"{what}: y, sample_weight and class_weight must be None when x is a tf.data.Dataset: its elements "
-                "carry the targets (and sample weights, as a third element)."
+                f"{what}: y, sample_weight and class_weight must be None when x is a tf.data.Dataset or a "
+                "PyDataset: its elements carry the targets (and sample weights, as a third element)."
             )
-        return _keyed_dataset(x, output_names, what)
+        return x if isinstance(x, IndexedBatches) else _keyed_dataset(x, output_names, what)
     if y is None:
         if sample_weight is not None or class_weight is not None:
             raise DataError(f"{what}: sample_weight and class_weight need y (or x = (inputs, {{name: target}})).")
@@ -194,7 +222,7 @@ def fit_data(
     source = keras_source(x, y, sample_weight, class_weight, what="training data", output_names=output_names)
     val_source = None
     if validation_data is not None:  # Keras ignores validation_split when validation_data is given
-        if isinstance(validation_data, tf.data.Dataset):
+        if isinstance(validation_data, (tf.data.Dataset, keras.utils.PyDataset)):
             val_source = keras_source(validation_data, what="validation data", output_names=output_names)
         elif isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
             val_source = keras_source(*validation_data, what="validation data", output_names=output_names)
@@ -210,7 +238,9 @@ def fit_data(
     train = Data(source, what="training data", batch_size=batch_size, shuffle=shuffle, seed=seed)
     val = None
     if val_source is not None:
-        val_batch = None if isinstance(val_source, tf.data.Dataset) else validation_batch_size or batch_size
+        val_batch = (
+            None if isinstance(val_source, (tf.data.Dataset, IndexedBatches)) else validation_batch_size or batch_size
+        )
         val = Data(val_source, what="validation data", batch_size=val_batch)
     return train, val
 

@@ -27,7 +27,7 @@ from trainer.data import Data
 from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
 from trainer.errors import DataError, names, naming
 from trainer.fit_loop import FitLoop, Validation
-from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
+from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source, python_source
 from trainer.metrics import MetricSpec
 from trainer.model import ModelCall
 from trainer.objective import Objective
@@ -394,7 +394,8 @@ class Trainer:
         ``data`` is numpy input ``x`` (an array or a dict of arrays) or a dataset of inputs (or of
         ``(inputs, targets)``, whose targets are ignored).
         """
-        source = Data(data, what="prediction data", batch_size=batch_size, with_targets=False)
+        source = Data(python_source(data, "prediction data"), what="prediction data", batch_size=batch_size,
+                      with_targets=False)  # fmt: skip
         if self._predictor is None:
             self._predictor = Predictor(self._call, self.strategy, self.run_eagerly)
         return self._predictor(source.dataset())
