@@ -153,11 +153,11 @@ class Data:
             if skip_batches:
                 raise ValueError("skip_batches applies to numpy input; a dataset's iterator is checkpointed instead.")
             return self._dataset
-        if self._batches is not None:
-            return self._batches.dataset(self._order(self._batches.num_batches, epoch)[skip_batches:])
-        order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
-        if self.nbytes <= COPY_LIMIT:
+        if self._batches is not None:  # a PyDataset: its items by index, read ahead like numpy batches
+            ds = self._batches.dataset(self._order(self._batches.num_batches, epoch)[skip_batches:])
+        elif self.nbytes <= COPY_LIMIT:
             # Small data: a permuted copy sliced by tf.data, the fastest per batch (half the cost of a gather).
+            order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
             permuted = tf.nest.map_structure(lambda a: a[order], self._arrays)
             ds = tf.data.Dataset.from_tensor_slices(permuted).batch(self.batch_size)
         else:
@@ -165,6 +165,7 @@ class Data:
             # tf.data's threads (two batches at a time, kept in order, overlapping the step). No copy is made: a
             # permuted copy per epoch, or the 2x the arrays tf.convert_to_tensor takes, is what runs a large data
             # set out of memory. The same batches as the copy.
+            order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
             indices = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
             ds = indices.map(self._gather, num_parallel_calls=2)
         ds = ds.prefetch(2)
