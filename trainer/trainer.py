@@ -391,11 +391,11 @@ class Trainer:
     def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Outputs for every example, ``{output name: array}``, batches concatenated in order.
 
-        ``data`` is numpy input ``x`` (an array or a dict of arrays) or a dataset of inputs (or of
-        ``(inputs, targets)``, whose targets are ignored).
+        ``data``: numpy inputs (an array, a dict or list of arrays), a dataset or a ``keras.utils.PyDataset`` of
+        inputs (of Keras' ``(x, y)`` or ``(x, y, sample_weight)``, or ``(x, targets)``: the targets are ignored).
         """
-        source = Data(python_source(data, "prediction data"), what="prediction data", batch_size=batch_size,
-                      with_targets=False)  # fmt: skip
+        what = "prediction data"
+        source = Data(python_source(data, what), what=what, batch_size=batch_size, with_targets=False)
         if self._predictor is None:
             self._predictor = Predictor(self._call, self.strategy, self.run_eagerly)
         return self._predictor(source.dataset())
