@@ -359,6 +359,19 @@ def test_verbose_zero_prints_nothing_and_two_prints_a_line_per_epoch(capsys):
     assert [line.split(" - ")[:2] for line in lines] == [["Epoch 1/2", "5 steps"], ["Epoch 2/2", "5 steps"]]
 
 
+def test_evaluate_and_predict_take_keras_verbose_and_predict_takes_steps(capsys):
+    x, y, _ = _regression()
+    model = _single_output()
+    trainer = Trainer(model, loss="mse", metrics=["mae"])
+    logs = trainer.evaluate(x, y, verbose=0)
+    assert capsys.readouterr() == ("", "")  # the default, too
+    assert trainer.evaluate(x, y, verbose=2) == logs
+    assert capsys.readouterr().out == f"loss: {logs['loss']:.4g} - mae: {logs['mae']:.4g}\n"
+    ours = trainer.predict(x, batch_size=8, steps=2, verbose=0)["output"]
+    np.testing.assert_allclose(ours, model.predict(x, batch_size=8, steps=2, verbose=0), rtol=RTOL)
+    assert ours.shape == (16, 1) and capsys.readouterr() == ("", "")
+
+
 def test_keras_argument_mistakes_are_named():
     x, y, weights = _regression()
     trainer = Trainer(helpers.example1(), loss={"regression_output": "mse", "classification_output": "mse"})

@@ -13,7 +13,20 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["Predictor"]
+from trainer.data import Data
+from trainer.inputs import VERBOSE, python_source
+from trainer.options import choice, optional, positive_int
+
+__all__ = ["Predictor", "prediction_data"]
+
+
+def prediction_data(data: Any, batch_size: int | None, steps: int | None, verbose: int | str) -> tf.data.Dataset:
+    """``predict``'s batches (the first ``steps``): numpy inputs, a dataset or a ``keras.utils.PyDataset``, whose
+    elements' targets (Keras' ``(x, y)``, ``(x, y, sample_weight)``, or ``(x, targets)``) are dropped. ``verbose``
+    takes Keras' values; predict prints nothing."""
+    what, steps, _ = "prediction data", optional(positive_int, "steps", steps), choice("verbose", verbose, VERBOSE)
+    dataset = Data(python_source(data, what), what=what, batch_size=batch_size, with_targets=False).dataset()
+    return dataset if steps is None else dataset.take(steps)
 
 
 class Predictor:

@@ -27,7 +27,7 @@ from trainer.data import Data
 from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
 from trainer.errors import DataError, names, naming
 from trainer.fit_loop import FitLoop, Validation
-from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source, python_source
+from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
 from trainer.model import ModelCall
 from trainer.objective import Objective
@@ -42,13 +42,13 @@ from trainer.options import (
     positive_int,
     resolve_steps_per_execution,
 )
-from trainer.predict import Predictor
+from trainer.predict import Predictor, prediction_data
 from trainer.runner import BlockRunner
 from trainer.step import Steps
 from trainer.structure import by_output_order, preserved
 from trainer.tracking import Tracker
 from trainer.update import StepMath
-from trainer.writers import WriterCallback, progress_writers
+from trainer.writers import WriterCallback, format_scalars, progress_writers
 
 __all__ = ["Trainer"]
 
@@ -370,13 +370,16 @@ class Trainer:
         steps: int | None = None,
         callbacks: Sequence[keras.callbacks.Callback] = (),
         return_dict: bool = True,
+        verbose: int | str = 0,
     ) -> dict[str, float] | list[float] | float:
         """Loss components and metrics over the data (``fit``'s forms, or Keras' ``x, y, sample_weight``).
 
         Returns ``{key: float}``, batch-weighted means. ``return_dict=False`` gives Keras' list (``loss`` first,
         then every other key in logging order; a single value alone). Unlike Keras, ``return_dict`` defaults to
-        True. ``steps`` evaluates the first ``steps`` batches only.
+        True. ``steps`` evaluates the first ``steps`` batches only. ``verbose`` 1, 2 or "auto" print the results on
+        one line; unlike Keras, the default is 0 (nothing).
         """
+        verbose = choice("verbose", verbose, VERBOSE)
         source = keras_source(x, y, sample_weight, what="evaluation data", output_names=self._output_names)
         data = Data(source, what="evaluation data", batch_size=batch_size)
         if self._runner is None:
@@ -385,17 +388,16 @@ class Trainer:
         model = callback_model(self.model, self.optimizer) if callbacks else None
         listed = CallbackList(callbacks, model=model, params={"steps": budget})
         logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
+        if verbose != 0:
+            print(format_scalars(logs), flush=True)
         values = list(logs.values())  # Keras' list: a single value alone
         return logs if return_dict else values[0] if len(values) == 1 else values
 
-    def predict(self, data: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Outputs for every example, ``{output name: array}``, batches concatenated in order.
-
-        ``data``: numpy inputs (an array, a dict or list of arrays), a dataset or a ``keras.utils.PyDataset`` of
-        inputs (of Keras' ``(x, y)`` or ``(x, y, sample_weight)``, or ``(x, targets)``: the targets are ignored).
-        """
-        what = "prediction data"
-        source = Data(python_source(data, what), what=what, batch_size=batch_size, with_targets=False)
+    def predict(
+        self, data: Any, *, batch_size: int | None = None, steps: int | None = None, verbose: int | str = 0
+    ) -> dict[str, np.ndarray]:
+        """Outputs for every example, ``{output name: array}``, batches concatenated in order; ``data`` as
+        :func:`trainer.predict.prediction_data` takes it (inputs, a dataset or a PyDataset; its targets ignored)."""
         if self._predictor is None:
             self._predictor = Predictor(self._call, self.strategy, self.run_eagerly)
-        return self._predictor(source.dataset())
+        return self._predictor(prediction_data(data, batch_size, steps, verbose))
