@@ -66,6 +66,39 @@ def _compare(build, loss_fn, data, *, recorded=lambda loss: loss, **kwargs):
     return t1, t2
 
 
+def test_model_fit_under_the_same_strategy_is_the_outside_reference():
+    """Model.fit on the same 2 replicas, model, data and order (full batches: Keras 3.15's fit fails on a numpy batch
+    that splits unevenly, "Inputs to operation AddN ... must have the same size and shape")."""
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    metrics = {"classification_output": ["accuracy"]}
+    x, y = helpers.example1_data(64)
+    args = {"batch_size": 16, "epochs": 2, "shuffle": False, "validation_split": 0.25}
+    with mirrored().scope():
+        keras.utils.set_random_seed(0)
+        reference = helpers.example1()
+        reference.compile(optimizer=keras.optimizers.Adam(1e-2), loss=losses, metrics=metrics)
+        keras.utils.set_random_seed(0)
+        model = helpers.example1()
+        trainer = Trainer(model, optimizer=keras.optimizers.Adam(1e-2), loss=losses, metrics=metrics,
+                          strategy=mirrored())  # fmt: skip
+    theirs = reference.fit(x, y, verbose=0, **args).history
+    ours = trainer.fit(x, y, progress=False, **args).history
+    keys = {"loss": "loss", "classification_output/accuracy": "classification_output_accuracy"}
+    keys.update({k: f"{k}_loss" for k in losses})
+    for mine, keras_key in {**keys, **{f"val_{k}": f"val_{v}" for k, v in keys.items()}}.items():
+        np.testing.assert_allclose(ours[mine], theirs[keras_key], rtol=1e-5, atol=1e-6, err_msg=mine)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_optimizer_made_outside_the_strategys_scope_is_named():
+    with mirrored().scope():
+        model = helpers.example1()
+    optimizer = keras.optimizers.Adam()  # outside: TensorFlow ties it to the default strategy
+    with pytest.raises(ValueError, match="The optimizer Adam was created outside the strategy's scope"):
+        Trainer(model, optimizer=optimizer, loss={"regression_output": "mse"}, strategy=mirrored())
+
+
 @pytest.mark.parametrize("n", [87, 81], ids=["split-4-3", "one-replica-empty"])
 def test_keras_style_losses_string_and_object(n):
     losses = {"regression_output": "mse", "classification_output": keras.losses.CategoricalCrossentropy()}

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 __all__ = [
     "AUTO",
@@ -80,6 +81,14 @@ def make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
             raise ValueError(f"Unknown optimizer {optimizer!r}; known names: {', '.join(known)}.") from None
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"`optimizer` must be a name or a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
+    made_in = getattr(optimizer, "_distribution_strategy", None)  # Keras' TF optimizers keep their creation's strategy
+    if made_in is not None and made_in is not tf.distribute.get_strategy():
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"The optimizer {name} was created outside the strategy's scope, and TensorFlow ties an optimizer to the "
+            f"strategy current when it is made: create it inside `with strategy.scope():`, or pass its name "
+            f"(optimizer={name.lower()!r})."
+        )
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if keras.mixed_precision.global_policy().name == "mixed_float16" and not scaled:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
