@@ -91,6 +91,13 @@ def test_model_fit_under_the_same_strategy_is_the_outside_reference():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_built_outside_the_strategys_scope_is_named():
+    model = helpers.example1()  # outside: its variables are plain, not mirrored
+    message = r"The model's variables \(dense\w*/kernel, dense\w*/bias, .* and 5 more\) were not created in the scope"
+    with pytest.raises(ValueError, match=message):
+        Trainer(model, optimizer="adam", loss={"regression_output": "mse"}, strategy=mirrored())
+
+
 def test_an_optimizer_made_outside_the_strategys_scope_is_named():
     with mirrored().scope():
         model = helpers.example1()

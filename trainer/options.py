@@ -70,6 +70,22 @@ def resolve_steps_per_execution(value: object) -> int | str:
         raise ValueError(f"`steps_per_execution` must be a positive int or 'auto', got {value!r}.") from None
 
 
+def check_created_in(strategy: tf.distribute.Strategy, model: Any) -> None:
+    """The model's variables (those it has yet) must come from ``strategy``'s scope: TensorFlow cannot mix them."""
+    outside = [
+        getattr(v, "path", v.name)
+        for v in getattr(model, "variables", [])
+        if not strategy.extended.variable_created_in_scope(v.value if isinstance(v, keras.Variable) else v)
+    ]
+    if outside:
+        shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+        raise ValueError(
+            f"The model's variables ({shown}) were not created in the scope of the Trainer's strategy "
+            f"({type(strategy).__name__}): build the model inside `with strategy.scope():` and pass the same "
+            "strategy= (or none, inside that scope)."
+        )
+
+
 def make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
     """The optimizer object; under the ``mixed_float16`` policy wrapped in a ``LossScaleOptimizer`` (dynamic loss
     scaling), as ``Model.compile`` does."""

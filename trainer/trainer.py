@@ -34,6 +34,7 @@ from trainer.objective import Objective
 from trainer.options import (
     AUTO,
     NAN_POLICIES,
+    check_created_in,
     check_flags,
     choice,
     make_optimizer,
@@ -118,6 +119,7 @@ class Trainer:
         self.jit_compile, self.run_eagerly = jit_compile, run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
+            check_created_in(self.strategy, model)
             self.optimizer = make_optimizer(optimizer)
         loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
