@@ -372,6 +372,18 @@ def test_evaluate_and_predict_take_keras_verbose_and_predict_takes_steps(capsys)
     assert ours.shape == (16, 1) and capsys.readouterr() == ("", "")
 
 
+def test_callbacks_take_one_callback_as_keras_does():
+    x, y, _ = _regression()
+    seen = []
+    one = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    trainer = Trainer(_single_output(), loss="mse")
+    trainer.fit(x, y, batch_size=8, epochs=2, callbacks=one, progress=False)
+    trainer.evaluate(x, y, callbacks=one)
+    assert seen == [0, 1]
+    with pytest.raises(TypeError, match=re.escape("callbacks must be a list of keras.callbacks.Callback, got str")):
+        trainer.fit(x, y, epochs=3, callbacks="EarlyStopping", progress=False)
+
+
 def test_keras_argument_mistakes_are_named():
     x, y, weights = _regression()
     trainer = Trainer(helpers.example1(), loss={"regression_output": "mse", "classification_output": "mse"})

@@ -22,7 +22,14 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["CallbackList", "History", "callback_model", "callback_states", "restore_callback_states"]
+__all__ = [
+    "CallbackList",
+    "History",
+    "as_callbacks",
+    "callback_model",
+    "callback_states",
+    "restore_callback_states",
+]
 
 
 class History(keras.callbacks.History):
@@ -61,6 +68,17 @@ def callback_model(model: Any, optimizer: keras.optimizers.Optimizer) -> Any:
         model.stop_training = False
         return model
     return _ModelStandIn(model, optimizer)
+
+
+def as_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
+    """Keras' forms of ``callbacks``: a list or tuple of callbacks, one callback, or None."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, keras.callbacks.Callback):
+        return [callbacks]
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of keras.callbacks.Callback, got {type(callbacks).__name__}.")
+    return list(callbacks)
 
 
 class CallbackList:

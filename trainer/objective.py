@@ -67,6 +67,7 @@ class Objective:
                         "Keras loss name or a keras.losses.Loss."
                     )
         elif _is_keras_loss(loss) or _is_keras_function(loss):
+            per_output(loss, output="output")  # an unknown loss name fails here, in the constructor
             self._top_level_keras = loss  # bound to the single output in bind_outputs()
         elif callable(loss):
             self._entries[None] = loss

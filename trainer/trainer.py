@@ -20,7 +20,7 @@ import tensorflow as tf
 from losses.aggregators import Aggregator, resolve
 from losses.weighting import LossWeighting
 from trainer.balance import EpochWeighting, make_balance
-from trainer.callbacks import CallbackList, History, callback_model
+from trainer.callbacks import CallbackList, History, as_callbacks, callback_model
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
@@ -341,7 +341,7 @@ class Trainer:
         model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
         writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
-        callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
+        callbacks = CallbackList([*weighting, *as_callbacks(callbacks), history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
@@ -388,7 +388,7 @@ class Trainer:
             self._build(data.first_batch())
         budget, exact = eval_budget(data, optional(positive_int, "steps", steps))
         model = callback_model(self.model, self.optimizer) if callbacks else None
-        listed = CallbackList(callbacks, model=model, params={"steps": budget})
+        listed = CallbackList(as_callbacks(callbacks), model=model, params={"steps": budget})
         logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
         if verbose != 0:
             print(format_scalars(logs), flush=True)
