@@ -14,6 +14,18 @@ from keras import layers
 import losses
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+RTOL, ATOL = 1e-5, 1e-6  # tapeloop against Keras on the same model, data and order
+
+
+def assert_weights_close(a: keras.Model, b: keras.Model) -> None:
+    for x, y in zip(weights(a), weights(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+
+
+def assert_history_close(ours: dict, theirs: dict, keys: dict[str, str]) -> None:
+    """``ours[mine]`` against ``theirs[keras_key]`` for each ``mine: keras_key`` of ``keys``."""
+    for mine, keras_key in keys.items():
+        np.testing.assert_allclose(ours[mine], theirs[keras_key], rtol=RTOL, atol=ATOL, err_msg=mine)
 
 
 def readme_definition(name: str):
