@@ -15,8 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import DataError
-from trainer.indexed import IndexedBatches, no_lists
+from trainer.indexed import IndexedBatches
 from trainer.options import positive_int
+from trainer.structure import no_lists
 
 __all__ = ["Data"]
 
@@ -155,25 +156,27 @@ class Data:
             return self._dataset
         if self._batches is not None:  # a PyDataset: its items by index, read ahead like numpy batches
             ds = self._batches.dataset(self._order(self._batches.num_batches, epoch)[skip_batches:])
-        elif self.nbytes <= COPY_LIMIT:
-            # Small data: a permuted copy sliced by tf.data, the fastest per batch (half the cost of a gather).
-            order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
-            permuted = tf.nest.map_structure(lambda a: a[order], self._arrays)
-            ds = tf.data.Dataset.from_tensor_slices(permuted).batch(self.batch_size)
         else:
-            # Large data: indices, not data. Each batch gathers its examples from the NumPy arrays themselves, in
-            # tf.data's threads (two batches at a time, kept in order, overlapping the step). No copy is made: a
-            # permuted copy per epoch, or the 2x the arrays tf.convert_to_tensor takes, is what runs a large data
-            # set out of memory. The same batches as the copy.
-            order = self._order(self.num_examples, epoch)[skip_batches * self.batch_size :]
-            indices = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
-            ds = indices.map(self._gather, num_parallel_calls=2)
+            ds = self._array_batches(self._order(self.num_examples, epoch)[skip_batches * self.batch_size :])
         ds = ds.prefetch(2)
         options = tf.data.Options()
         # A fixed prefetch without autotune: autotune can stall 9-39 s when an epoch stops early (PITFALLS.md).
         options.autotune.enabled = False
         options.deterministic = True
         return ds.with_options(options)
+
+    def _array_batches(self, order: np.ndarray) -> tf.data.Dataset:
+        """Numpy input's batches of the examples at ``order``."""
+        if self.nbytes <= COPY_LIMIT:
+            # Small data: a permuted copy sliced by tf.data, the fastest per batch (half the cost of a gather).
+            permuted = tf.nest.map_structure(lambda a: a[order], self._arrays)
+            return tf.data.Dataset.from_tensor_slices(permuted).batch(self.batch_size)
+        # Large data: indices, not data. Each batch gathers its examples from the NumPy arrays themselves, in
+        # tf.data's threads (two batches at a time, kept in order, overlapping the step). No copy is made: a
+        # permuted copy per epoch, or the 2x the arrays tf.convert_to_tensor takes, is what runs a large data
+        # set out of memory. The same batches as the copy.
+        indices = tf.data.Dataset.from_tensor_slices(order).batch(self.batch_size)
+        return indices.map(self._gather, num_parallel_calls=2)
 
     def _order(self, n: int, epoch: int) -> np.ndarray:
         """Examples' (PyDataset: batches') order in ``epoch``: a pure function of (seed, epoch) — NumPy's, not

@@ -14,19 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import DataError
+from trainer.structure import no_lists
 
-__all__ = ["IndexedBatches", "no_lists", "standardize"]
-
-
-def no_lists(structure: Any) -> Any:
-    """Lists as tuples: tf.data reads a list as one tensor to stack, Keras a list of inputs as several inputs."""
-    if isinstance(structure, list):
-        return tuple(no_lists(value) for value in structure)
-    if isinstance(structure, Mapping):
-        return {key: no_lists(value) for key, value in structure.items()}
-    if type(structure) is tuple:
-        return tuple(no_lists(value) for value in structure)
-    return structure
+__all__ = ["IndexedBatches", "standardize"]
 
 
 def standardize(batch: Any, what: str) -> tuple | dict:

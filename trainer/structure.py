@@ -26,6 +26,7 @@ __all__ = [
     "given",
     "graph_ready",
     "keyed",
+    "no_lists",
     "output_hint",
     "preserved",
 ]
@@ -74,6 +75,17 @@ def by_output_order(what: str, value: object, model: object, *, per_output: bool
             "one entry per output, in that order, or a dict by output name."
         )
     return {name: entry for name, entry in zip(outputs, value) if entry is not None}
+
+
+def no_lists(structure: object) -> object:
+    """Lists as tuples: tf.data reads a list as one tensor to stack, Keras a list of inputs as several inputs."""
+    if isinstance(structure, list):
+        return tuple(no_lists(value) for value in structure)
+    if isinstance(structure, Mapping):
+        return {key: no_lists(value) for key, value in structure.items()}
+    if type(structure) is tuple:
+        return tuple(no_lists(value) for value in structure)
+    return structure
 
 
 def output_hint(model: object) -> Callable[[str], str]:

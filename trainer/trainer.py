@@ -61,10 +61,10 @@ class Trainer:
         model: a ``keras.Model``, ``tf.Module`` or callable ``inputs -> outputs``. A dict is used as is; a
             list/tuple is keyed by ``model.output_names``; a single tensor is keyed ``"output"``.
         optimizer: a Keras optimizer or its name. Pass ``clipnorm``/``global_clipnorm``/``weight_decay`` there.
-        loss: one loss callable ``loss(outputs, targets) -> scalar | {name: scalar}``, or a dict ``{name: loss}``;
-            in the dict a ``str`` or ``keras.losses.Loss`` is a Keras per-output loss on the output of that name.
-        loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights`` property).
-        metrics: ``{output: [str | keras.metrics.Metric]}`` and/or ``{name: callable(outputs, targets)}``.
+        loss: one loss callable ``loss(outputs, targets) -> scalar | {name: scalar}``, or a dict ``{name: loss}``
+            (in it a ``str`` or ``keras.losses.Loss`` is a Keras loss on the output of that name), or compile's list.
+        loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights``), or a list.
+        metrics: ``{output: [str | Metric]}`` and/or ``{name: callable(outputs, targets)}``, or compile's lists.
         steps_per_execution: training steps per compiled call (an in-graph loop), or ``"auto"`` (the default):
             grown at run time until one call takes ~50 ms (see ``trainer/blocks.py``); results are identical.
         jit_compile: compile the step with XLA (slower on CPU; see PITFALLS.md).
