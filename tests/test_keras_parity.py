@@ -140,3 +140,34 @@ def test_accuracy_resolves_like_keras(output_units, labels, expected):
     result = trainer.evaluate((x, {"output": y}), batch_size=8)
     assert type(trainer.runner.trackers["eval"].metrics["output/accuracy"]) is expected
     assert result["output/accuracy"] == pytest.approx(keras_acc, abs=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["Dropout", "GaussianNoise", "BatchNormalization"])
+def test_random_and_batch_statistics_layers_train_as_in_fit(layer):
+    """Two models built alike (a clone would get other dropout seeds): the same masks and noise draws, step by step,
+    and the same moving statistics — the forward pass runs once per step in training mode, as in Model.fit."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6,))
+        hidden = keras.layers.Dense(16, activation="relu")(inp)
+        made = {
+            "Dropout": lambda: keras.layers.Dropout(0.3),
+            "GaussianNoise": lambda: keras.layers.GaussianNoise(0.1),
+            "BatchNormalization": keras.layers.BatchNormalization,
+        }
+        hidden = made[layer]()(hidden)
+        return keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(hidden))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1)) > 0).astype("float32")
+    model, twin = build(), build()
+    args = {"batch_size": 16, "epochs": 2, "shuffle": False, "validation_split": 0.25}
+    twin.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy", steps_per_execution=2)
+    theirs = twin.fit(x, y, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy", steps_per_execution=2)
+    ours = trainer.fit(x, y, progress=False, **args).history
+    helpers.assert_history_close(ours, theirs, {"loss": "loss", "val_loss": "val_loss"})
+    for a, b in zip(model.variables, twin.variables, strict=True):  # moving statistics and RNG states included
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=helpers.RTOL, atol=helpers.ATOL, err_msg=a.path)

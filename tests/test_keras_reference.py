@@ -385,6 +385,8 @@ def test_keras_argument_mistakes_are_named():
         single.fit(x, y, validation_freq=0, progress=False)
     with pytest.raises(ValueError, match=r"`verbose` must be one of 'auto', 0, 1, 2; got 3"):
         single.fit(x, y, verbose=3)
+    with pytest.raises(TypeError, match=r"`shuffle` must be True or False, got 'batch'"):
+        single.fit(x, y, shuffle="batch", progress=False)  # Keras 3 shuffles within each batch; it was a full shuffle
     with pytest.raises(ValueError, match=r"validation_split=0.99 leaves no training or no validation example of 40"):
         single.fit(x, y, validation_split=0.99, progress=False)
     with pytest.raises(ValueError, match=r"`metrics` is a list, which applies to a single-output model"):

@@ -70,14 +70,24 @@ def callback_model(model: Any, optimizer: keras.optimizers.Optimizer) -> Any:
     return _ModelStandIn(model, optimizer)
 
 
-def as_callbacks(callbacks: Any) -> list[keras.callbacks.Callback]:
-    """Keras' forms of ``callbacks``: a list or tuple of callbacks, one callback, or None."""
+def as_callbacks(callbacks: Any, checkpoint_dir: Any = None) -> list[keras.callbacks.Callback]:
+    """Keras' forms of ``callbacks``: a list or tuple of callbacks, one callback, or None.
+
+    Raises:
+        ValueError: a ``BackupAndRestore`` with a ``checkpoint_dir``: each would restore training its own way.
+    """
     if callbacks is None:
         return []
     if isinstance(callbacks, keras.callbacks.Callback):
-        return [callbacks]
+        callbacks = [callbacks]
     if not isinstance(callbacks, (list, tuple)):
         raise TypeError(f"callbacks must be a list of keras.callbacks.Callback, got {type(callbacks).__name__}.")
+    if checkpoint_dir is not None and any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks):
+        raise ValueError(
+            "Pass either checkpoint_dir or keras.callbacks.BackupAndRestore, not both: each restores the weights "
+            "its own way. checkpoint_dir resumes to the step (data position, trackers and callbacks included); "
+            "BackupAndRestore to the start of the epoch after its last backup."
+        )
     return list(callbacks)
 
 
@@ -97,6 +107,21 @@ class CallbackList:
     def stop_training(self) -> bool:
         """A callback asked training to stop (``self.model.stop_training = True``, as with ``Model.fit``)."""
         return bool(getattr(self.model, "stop_training", False))
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> int | None:
+        """Call every ``on_train_begin``; returns the epoch Keras' ``BackupAndRestore`` restored, if it did.
+
+        That callback loads the weights it backed up and sets the model's ``_initial_epoch``, which ``Model.fit``
+        reads next. It counts for this fit only (Keras leaves it set, so its next fit starts there too).
+        """
+        if isinstance(self.model, keras.Model):
+            self.model._initial_epoch = None
+        for callback in self.callbacks:
+            callback.on_train_begin(logs)
+        restored = getattr(self.model, "_initial_epoch", None)
+        if isinstance(self.model, keras.Model):
+            self.model._initial_epoch = None
+        return restored
 
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):

@@ -161,7 +161,8 @@ class FitLoop(BlockHooks):
         where it left off; returns the last epoch's logs."""
         runner, callbacks = self.runner, self.callbacks
         first = self.restore()
-        if first is None:
+        resumed = first is not None  # from checkpoint_dir (exact to the step): it wins over a Keras backup
+        if not resumed:
             first = initial_epoch
             self.epochs.position.enter(first)
         position = self.epochs.position
@@ -172,8 +173,11 @@ class FitLoop(BlockHooks):
         catch = self.checkpointer is not None
         with Preemption() if catch else contextlib.nullcontext() as self.preemption:
             self.stop_agreed = False
-            callbacks.on_train_begin(None)
+            backed_up = callbacks.on_train_begin(None)
             restore_callback_states(callbacks.callbacks, self._callback_states)  # after Keras' own resets
+            if backed_up is not None and not resumed:
+                first = backed_up  # Keras' BackupAndRestore restored the weights after this many epochs
+                position.enter(first)
             for epoch in range(first, epochs):
                 if not (epoch == position.epoch and position.mid_epoch):
                     runner.reset("train")  # a resumed epoch keeps its restored trackers

@@ -2,7 +2,8 @@
 
 Two forms, in one dict: ``{output name: [str | keras.metrics.Metric, ...]}`` (a Keras metric on one output and the
 target of the same name, logged as ``output/metric``) and ``{name: callable(outputs, targets)}`` (any function of all
-outputs and targets, following the loss protocol; logged as ``name`` or ``name/part``).
+outputs and targets, following the loss protocol; logged as ``name`` or ``name/part``). ``weighted_metrics`` takes
+the first form: those are updated with the batch's sample weights (``sample_weight``, ``class_weight``), as Keras'.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from losses import components
+from losses import SAMPLE_WEIGHT, components, sample_weight_key
 from losses.adapters import binary_or_sparse, display_name
 from trainer.errors import names
 from trainer.structure import KeyedView, call_reader
@@ -55,41 +56,64 @@ def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: s
     return keras.metrics.MeanMetricWrapper(identifier, name=getattr(identifier, "__name__", "metric"))
 
 
+def _sample_weight(targets: Mapping[str, tf.Tensor], output: str) -> tf.Tensor | None:
+    """The output's own sample weights, else those of every output, else None (unweighted), as the losses read them."""
+    for key in (sample_weight_key(output), SAMPLE_WEIGHT):
+        if key in targets:
+            return targets[key]
+    return None
+
+
 class MetricSpec:
     """The metrics a Trainer observes; :meth:`build` makes a fresh set of Keras metric objects per mode."""
 
-    def __init__(self, metrics: Mapping[str, object] | Sequence[object] | None) -> None:
+    def __init__(
+        self,
+        metrics: Mapping[str, object] | Sequence[object] | None,
+        weighted_metrics: Mapping[str, object] | Sequence[object] | None = None,
+    ) -> None:
         self.per_output: dict[str, list[object]] = {}
+        self.weighted: dict[str, list[object]] = {}  # updated with the batch's sample weights, as Keras' own
         self.callables: dict[str, Callable] = {}
         self._output_of: dict[str, str] = {}
-        self._unbound: list[object] | None = None  # a Keras-style list, for the model's single output
+        self._weighted_keys: set[str] = set()
+        self._unbound: dict[str, list[object]] = {}  # Keras-style lists, for the model's single output
         self._plain = False  # keys without the output prefix (the list form)
+        self._parse("metrics", metrics, self.per_output)
+        self._parse("weighted_metrics", weighted_metrics, self.weighted)
+
+    def _parse(self, what: str, metrics: object, per_output: dict[str, list[object]]) -> None:
         if metrics is None:
             return
         if isinstance(metrics, (list, tuple)):
-            self._unbound = self._entries("metrics", list(metrics))
+            self._unbound[what] = self._entries(what, list(metrics))
             return
         if not isinstance(metrics, Mapping):
             raise TypeError(
-                f"`metrics` must be a dict ({{output: [metrics]}} and/or {{name: callable}}) or, for a single-output "
+                f"`{what}` must be a dict ({{output: [metrics]}} and/or {{name: callable}}) or, for a single-output "
                 f"model, a list of Keras metrics; got {type(metrics).__name__}."
             )
         for key, value in metrics.items():
             if not isinstance(key, str) or not key:
-                raise TypeError(f"metrics keys must be non-empty str; got {key!r}.")
+                raise TypeError(f"{what} keys must be non-empty str; got {key!r}.")
             if isinstance(value, (list, tuple)):
                 entries = list(value)
             elif isinstance(value, (str, keras.metrics.Metric)):
                 entries = [value]
-            elif callable(value):
+            elif callable(value) and what == "metrics":
                 self.callables[key] = value
                 continue
             else:
                 raise TypeError(
-                    f"metrics[{key!r}] is a {type(value).__name__}; expected a list of Keras metrics for output "
-                    f"{key!r} or a callable metric(outputs, targets)."
+                    f"{what}[{key!r}] is a {type(value).__name__}; expected a list of Keras metrics for output {key!r}"
+                    + (
+                        " or a callable metric(outputs, targets)."
+                        if what == "metrics"
+                        else " (a callable metric(outputs, targets) goes in `metrics` and reads the targets' "
+                        "'sample_weight' itself)."
+                    )
                 )
-            self.per_output[key] = self._entries(f"metrics[{key!r}]", entries)
+            per_output[key] = self._entries(f"{what}[{key!r}]", entries)
 
     @staticmethod
     def _entries(where: str, entries: list[object]) -> list[object]:
@@ -105,29 +129,37 @@ class MetricSpec:
     def bind_outputs(self, output_names: list[str]) -> None:
         """Bind a Keras-style ``metrics=[...]`` list to the model's single output; logged by metric name alone,
         as Keras logs them (``mae``, ``val_mae``)."""
-        if self._unbound is None:
+        if not self._unbound:
             return
         if len(output_names) != 1:
+            what = next(iter(self._unbound))
             raise ValueError(
-                f"`metrics` is a list, which applies to a single-output model, but the model has "
+                f"`{what}` is a list, which applies to a single-output model, but the model has "
                 f"{len(output_names)} outputs ({names(output_names)}); give a dict {{output: [metrics]}}."
             )
-        self.per_output[output_names[0]] = self._unbound
-        self._unbound, self._plain = None, True
+        for what, entries in self._unbound.items():
+            (self.per_output if what == "metrics" else self.weighted)[output_names[0]] = entries
+        self._unbound, self._plain = {}, True
 
     def build(
         self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], output_hint=None
     ) -> dict[str, keras.metrics.Metric]:
         """Fresh Keras metric objects keyed ``output/name``, resolved from the shapes of outputs and targets."""
         built: dict[str, keras.metrics.Metric] = {}
-        for output, entries in self.per_output.items():
-            reader = f"metrics[{output!r}]"
-            y_pred = KeyedView(outputs, kind="output", reader=reader, hint=output_hint)[output]
-            y_true = KeyedView(targets, kind="target", reader=reader)[output]
-            for entry in entries:
-                key = display_name(entry) if self._plain else f"{output}/{display_name(entry)}"
-                built[key] = _resolve(entry, y_true, y_pred, output)
-                self._output_of[key] = output
+        for weighted, group in ((False, self.per_output), (True, self.weighted)):
+            for output, entries in group.items():
+                reader = f"{'weighted_' * weighted}metrics[{output!r}]"
+                y_pred = KeyedView(outputs, kind="output", reader=reader, hint=output_hint)[output]
+                y_true = KeyedView(targets, kind="target", reader=reader)[output]
+                for entry in entries:
+                    name = display_name(entry)
+                    key = name if self._plain else f"{output}/{name}"
+                    if key in built:  # as Keras names a weighted metric that has an unweighted twin
+                        key = f"weighted_{name}" if self._plain else f"{output}/weighted_{name}"
+                    built[key] = _resolve(entry, y_true, y_pred, output)
+                    self._output_of[key] = output
+                    if weighted:
+                        self._weighted_keys.add(key)
         return built
 
     def update(
@@ -139,7 +171,8 @@ class MetricSpec:
         """Update every Keras metric on its output/target pair (in the compiled step)."""
         for key, metric in metric_objects.items():
             output = self._output_of[key]
-            metric.update_state(targets[output], outputs[output])
+            weight = _sample_weight(targets, output) if key in self._weighted_keys else None
+            metric.update_state(targets[output], outputs[output], sample_weight=weight)
 
     def callable_values(
         self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], output_hint=None

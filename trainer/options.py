@@ -119,3 +119,20 @@ def accepts_training(model: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == "training" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_same_variables(built: list[tf.Variable], now: list[tf.Variable]) -> None:
+    """A Trainer trains the variables it was built with: a layer frozen or unfrozen since then is an error (Model.fit
+    silently keeps training the old set until ``compile()`` is called again)."""
+    if [id(v) for v in built] == [id(v) for v in now]:
+        return
+    was, became = {id(v) for v in built}, {id(v) for v in now}
+    added = [v.path for v in now if id(v) not in was]
+    removed = [v.path for v in built if id(v) not in became]
+    raise ValueError(
+        "The model's trainable variables changed since this Trainer was built"
+        + (f"; now trainable: {added}" if added else "")
+        + (f"; no longer trainable: {removed}" if removed else "")
+        + ". A Trainer trains the variables it was built with (as Model.fit does until compile() is called again):"
+        " make a new Trainer for the new set, e.g. to fine-tune after unfreezing a base model."
+    )

@@ -36,6 +36,7 @@ from trainer.options import (
     NAN_POLICIES,
     check_created_in,
     check_flags,
+    check_same_variables,
     choice,
     make_optimizer,
     non_negative_int,
@@ -65,6 +66,7 @@ class Trainer:
             (in it a ``str`` or ``keras.losses.Loss`` is a Keras loss on the output of that name), or compile's list.
         loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights``), or a list.
         metrics: ``{output: [str | Metric]}`` and/or ``{name: callable(outputs, targets)}``, or compile's lists.
+        weighted_metrics: as Keras': Keras metrics (``metrics``' first form) updated with the sample weights.
         steps_per_execution: training steps per compiled call (an in-graph loop), or ``"auto"`` (the default):
             grown at run time until one call takes ~50 ms (see ``trainer/blocks.py``); results are identical.
         jit_compile: compile the step with XLA (slower on CPU; see PITFALLS.md).
@@ -95,6 +97,7 @@ class Trainer:
         loss: Any = None,
         loss_weights: Mapping[str, float] | None = None,
         metrics: Mapping[str, Any] | None = None,
+        weighted_metrics: Mapping[str, Any] | None = None,
         steps_per_execution: int | str = AUTO,
         jit_compile: bool = False,
         strategy: tf.distribute.Strategy | None = None,
@@ -123,7 +126,10 @@ class Trainer:
             self.optimizer = make_optimizer(optimizer)
         loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
-        self._metrics = MetricSpec(by_output_order("metrics", metrics, model, per_output=False))
+        self._metrics = MetricSpec(
+            by_output_order("metrics", metrics, model, per_output=False),
+            by_output_order("weighted_metrics", weighted_metrics, model, per_output=False),
+        )
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._names: list[str] | None = None  # the model's output names, once known
@@ -301,10 +307,12 @@ class Trainer:
         validation_batch_size = optional(positive_int, "validation_batch_size", validation_batch_size)
         check_validation_freq(validation_freq)
         verbose = choice("verbose", verbose, VERBOSE)
+        check_flags(shuffle=shuffle)
         if checkpoint_every is not None:
             checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
             if checkpoint_dir is None:
                 raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
+        callbacks = as_callbacks(callbacks, checkpoint_dir)
         data, val = fit_data(
             x,
             y,
@@ -322,6 +330,7 @@ class Trainer:
             raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
         if self._runner is None:
             self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
+        check_same_variables(self._runner.steps.math.variables, self.trainable_variables)
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
             with self.strategy.scope(), naming("validation data"):
@@ -341,7 +350,7 @@ class Trainer:
         model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
         writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
-        callbacks = CallbackList([*weighting, *as_callbacks(callbacks), history, *writers], model=model, params=params)
+        callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
         validation = None if val is None else Validation(val, validation_steps, validation_freq)

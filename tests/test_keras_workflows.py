@@ -1,0 +1,217 @@
+"""Keras' callbacks, weighted metrics and the fine-tuning workflow, held against Model.fit (same model, data, order)."""
+
+import functools
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from tests import helpers
+from tests.helpers import assert_history_close, assert_weights_close
+from trainer import Trainer
+
+
+def _model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = layers.Input((5,))
+    return keras.Model(inp, layers.Dense(1)(layers.Dense(8, activation="relu")(inp)))
+
+
+def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    return x, (x @ rng.normal(size=(5, 1))).astype("float32")
+
+
+TRAIN, VAL = _data(40, 3), _data(16, 4)
+FIT = {"batch_size": 8, "shuffle": False, "validation_data": VAL}
+
+
+def _pair(optimizer=lambda: keras.optimizers.SGD(0.05)):
+    """(our model, its Trainer, Keras' twin compiled the same way)."""
+    model = _model()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=optimizer(), loss="mse")
+    return model, Trainer(model, optimizer=optimizer(), loss="mse"), twin
+
+
+CALLBACKS = {
+    "early_stopping_restores_the_best_weights": lambda: keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=1, restore_best_weights=True
+    ),
+    "early_stopping_from_an_epoch": lambda: keras.callbacks.EarlyStopping(
+        monitor="loss", patience=0, min_delta=10.0, start_from_epoch=3
+    ),
+    "reduce_lr_on_plateau": lambda: keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0),
+    "learning_rate_scheduler": lambda: keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.7),
+}
+
+
+@pytest.mark.parametrize("make", CALLBACKS.values(), ids=CALLBACKS.keys())
+def test_keras_callbacks_change_training_as_in_fit(make):
+    model, trainer, twin = _pair()
+    theirs = twin.fit(*TRAIN, epochs=8, verbose=0, callbacks=[make()], **FIT).history
+    ours = trainer.fit(*TRAIN, epochs=8, progress=False, callbacks=[make()], **FIT).history
+    assert len(ours["loss"]) == len(theirs["loss"])  # where it stopped
+    keys = {k: k for k in theirs}  # loss, val_loss and, from the learning-rate callbacks, learning_rate
+    assert_history_close(ours, theirs, keys)
+    assert_weights_close(model, twin)
+    assert float(trainer.optimizer.learning_rate) == float(twin.optimizer.learning_rate)
+
+
+def test_model_checkpoint_saves_what_fit_saves(tmp_path):
+    _, trainer, twin = _pair()
+
+    def callbacks(directory):
+        return [
+            keras.callbacks.ModelCheckpoint(
+                str(directory / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+            ),
+            keras.callbacks.ModelCheckpoint(str(directory / "e{epoch:02d}.keras")),
+        ]
+
+    twin.fit(*TRAIN, epochs=4, verbose=0, callbacks=callbacks(tmp_path / "keras"), **FIT)
+    trainer.fit(*TRAIN, epochs=4, progress=False, callbacks=callbacks(tmp_path / "ours"), **FIT)
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "keras"))
+    for name in ("best.weights.h5", "e02.keras", "e04.keras"):
+        if name.endswith(".keras"):
+            saved = [keras.models.load_model(tmp_path / side / name) for side in ("ours", "keras")]
+        else:
+            saved = [_model(), _model()]
+            for side, into in zip(("ours", "keras"), saved):
+                into.load_weights(tmp_path / side / name)
+        assert_weights_close(*saved)
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("crash after the third epoch")
+
+
+def test_backup_and_restore_resumes_after_the_last_backed_up_epoch_as_fit_does(tmp_path):
+    """A run that crashed after epoch 3 of 5, restarted (a new model and optimizer) with the same BackupAndRestore:
+    Model.fit restores the weights and the optimizer's state (Adam) and trains epochs 4 and 5 only. tapeloop used to
+    restore them and then train all 5 epochs again."""
+    histories, restarted = {}, {}
+    for side in ("keras", "ours"):
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / side), delete_checkpoint=False)
+        for attempt in ("crash", "restart"):
+            model, trainer, twin = _pair(lambda: keras.optimizers.Adam(0.01))
+            run = {"epochs": 5, **FIT}
+            if side == "keras":
+                fit = functools.partial(twin.fit, *TRAIN, verbose=0, **run)
+            else:
+                fit = functools.partial(trainer.fit, *TRAIN, progress=False, **run)
+            if attempt == "crash":
+                with pytest.raises(RuntimeError, match="crash after the third epoch"):
+                    fit(callbacks=[backup, _Crash()])
+                assert json.loads((tmp_path / side / "training_metadata.json").read_text())["epoch"] == 3
+            else:
+                histories[side] = fit(callbacks=[backup]).history
+                restarted[side] = (model, trainer) if side == "ours" else twin
+    assert len(histories["keras"]["loss"]) == 2
+    assert_history_close(histories["ours"], histories["keras"], {"loss": "loss", "val_loss": "val_loss"})
+    model, trainer = restarted["ours"]
+    assert_weights_close(model, restarted["keras"])
+    # The restored epoch counts for that fit only: the next one trains from epoch 0 (Keras keeps the model's
+    # restored initial epoch, so its next fit(epochs=1) trains nothing).
+    assert len(trainer.fit(*TRAIN, epochs=1, progress=False, **FIT).history["loss"]) == 1
+    assert restarted["keras"].fit(*TRAIN, epochs=1, verbose=0, **FIT).history == {}
+
+
+def test_backup_and_restore_with_a_checkpoint_dir_is_refused_before_training(tmp_path):
+    model, trainer, _ = _pair()
+    before = helpers.weights(model)
+    with pytest.raises(ValueError, match=r"either checkpoint_dir or keras\.callbacks\.BackupAndRestore"):
+        trainer.fit(*TRAIN, epochs=1, progress=False, checkpoint_dir=str(tmp_path / "ckpt"),
+                    callbacks=keras.callbacks.BackupAndRestore(str(tmp_path / "backup")))  # fmt: skip
+    for a, b in zip(helpers.weights(model), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fine_tuning_after_unfreezing_takes_a_new_trainer_as_fit_takes_a_new_compile():
+    """keras.io's transfer-learning recipe: train the head on a frozen base, unfreeze it, train again at a lower rate.
+    Keras needs compile() again (without it, fit silently keeps the base frozen); a Trainer keeps the variables it was
+    built with, so the second fit on it is an error naming them, and a new Trainer matches the recompiled model."""
+
+    def build():
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential(
+            [layers.Input((5,)), layers.Dense(8, activation="relu"), layers.BatchNormalization()], name="base"
+        )
+        inp = layers.Input((5,))
+        return keras.Model(inp, layers.Dense(1)(base(inp))), base
+
+    (model, base), (twin, twin_base) = build(), build()
+    base.trainable = twin_base.trainable = False
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    args = {"batch_size": 8, "epochs": 2, "shuffle": False}
+    theirs = twin.fit(*TRAIN, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    assert_history_close(trainer.fit(*TRAIN, progress=False, **args).history, theirs, {"loss": "loss"})
+
+    base.trainable = twin_base.trainable = True
+    before = helpers.weights(model)
+    changed = r"now trainable: \['base/dense(_\d+)?/kernel', 'base/dense(_\d+)?/bias', 'base/batch_normalization"
+    with pytest.raises(ValueError, match=changed):
+        trainer.fit(*TRAIN, progress=False, **args)
+    for a, b in zip(helpers.weights(model), before):
+        np.testing.assert_array_equal(a, b)
+
+    twin.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    theirs = twin.fit(*TRAIN, verbose=0, **args).history
+    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.01), loss="mse").fit(*TRAIN, progress=False, **args).history
+    assert_history_close(ours, theirs, {"loss": "loss"})
+    assert_weights_close(model, twin)
+
+
+def test_weighted_metrics_use_the_sample_weights_as_in_fit():
+    """A metric in both lists is logged twice, the weighted one as ``weighted_<name>`` — Keras' names."""
+    x, y = TRAIN
+    weights = np.random.default_rng(5).uniform(0.1, 3.0, len(x)).astype("float32")
+    val = (*VAL, np.linspace(0.2, 2.0, len(VAL[0]), dtype="float32"))
+    model, _, twin = _pair()
+    compiled = {"loss": "mse", "metrics": ["mae"], "weighted_metrics": ["mae", keras.metrics.MeanSquaredError()]}
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **compiled)
+    args = {"batch_size": 8, "epochs": 2, "shuffle": False, "sample_weight": weights, "validation_data": val}
+    theirs = twin.fit(x, y, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **compiled)
+    ours = trainer.fit(x, y, progress=False, **args).history
+    keys = ["loss", "mae", "weighted_mae", "mean_squared_error"]
+    assert set(ours) - {"lr"} == set(theirs) == {*keys, *(f"val_{k}" for k in keys)}
+    assert_history_close(ours, theirs, {k: k for k in theirs})
+    assert ours["mae"] != ours["weighted_mae"]
+    assert_weights_close(model, twin)
+    assert_history_close(
+        trainer.evaluate(*VAL, sample_weight=val[2]),
+        twin.evaluate(*VAL, sample_weight=val[2], verbose=0, return_dict=True),
+        {k: k for k in keys},
+    )
+
+
+def test_weighted_metrics_per_output_use_that_outputs_sample_weights_as_in_fit():
+    x, y = helpers.example1_data(48)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    compiled = {"loss": losses, "weighted_metrics": {"classification_output": ["accuracy"], "regression_output": "mae"}}
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **compiled)
+    rng = np.random.default_rng(6)
+    weights = {name: rng.uniform(0.1, 3.0, len(x)).astype("float32") for name in losses}  # each output its own
+    args = {"batch_size": 8, "epochs": 2, "shuffle": False}
+    in_order = [weights[name] for name in losses]  # Keras: in y's structure, here a list in output order
+    theirs = twin.fit(x, [y[name] for name in losses], sample_weight=in_order, verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **compiled)
+    ours = trainer.fit(x, y, sample_weight=weights, progress=False, **args).history
+    keys = {
+        "classification_output/accuracy": "classification_output_accuracy",
+        "regression_output/mae": "regression_output_mae",
+        "loss": "loss",
+    }
+    assert_history_close(ours, theirs, keys)
+    with pytest.raises(TypeError, match=r"a callable metric\(outputs, targets\) goes in `metrics`"):
+        Trainer(model, loss=losses, weighted_metrics={"mine": lambda outputs, targets: 0.0})
