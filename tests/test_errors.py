@@ -8,7 +8,15 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from trainer import DataError, MissingKeyError, NonFiniteLossError, ShapeMismatchError, Trainer, UserCodeError
+from trainer import (
+    DataError,
+    MissingKeyError,
+    NonFiniteLossError,
+    ShapeMismatchError,
+    StepError,
+    Trainer,
+    UserCodeError,
+)
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
 
@@ -128,6 +136,10 @@ def test_inputs_alone_for_a_loss_that_reads_targets_names_the_target():
             "training data is empty",
         ),
         (tf.data.Dataset.range(0).map(lambda i: (i, {"a": i})), "training data is empty"),
+        (  # was TensorFlow's "Failed to convert a NumPy array to a Tensor (Unsupported object type NoneType)"
+            (np.zeros((4, 100)), {"regression_output": np.array([None] * 4), "classification_output": np.zeros(4)}),
+            re.escape("targets['regression_output'] (object) holds values that cannot become a tensor (Failed to"),
+        ),
     ],
 )
 def test_bad_data_gets_its_own_message(data, message):
@@ -283,3 +295,45 @@ def test_validation_problems_name_the_validation_data():
     nan = (x, {key: np.full_like(value, np.nan) for key, value in y.items()})
     with pytest.warns(RuntimeWarning, match=r"validation data gave non-finite values at epoch 1: val_loss=nan"):
         trainer.fit((x, y), validation_data=nan, progress=False)
+
+
+def test_an_operation_failing_on_a_later_batch_names_the_steps_and_keeps_the_steps_before():
+    """A label out of range in the 3rd batch: the first-batch check cannot see it; TensorFlow's error was bare."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    labels = rng.integers(0, 4, 64)
+    labels[40] = 7  # batch 3 of 16
+
+    def model():
+        keras.utils.set_random_seed(0)
+        inp = keras.layers.Input((5,))
+        return keras.Model(inp, keras.layers.Dense(4, activation="softmax")(inp))
+
+    reference = model()
+    args = {"batch_size": 16, "shuffle": False, "progress": False}
+    Trainer(reference, optimizer="sgd", loss="sparse_categorical_crossentropy").fit(x[:32], labels[:32], **args)
+    for spe, where in ((1, "step 3"), (4, "steps 1-4")):
+        trained = model()
+        trainer = Trainer(trained, optimizer="sgd", loss="sparse_categorical_crossentropy", steps_per_execution=spe)
+        message = (
+            rf"Training failed at {where} \(one compiled block\) with InvalidArgumentError: Received a label value of 7"
+        )
+        with pytest.raises(StepError, match=message) as info:
+            trainer.fit(x, labels, **args)
+        assert isinstance(info.value.__cause__, tf.errors.InvalidArgumentError)
+        assert ("steps_per_execution=1 names the exact step" in str(info.value)) == (spe > 1)
+        helpers.assert_weights_close(trained, reference)  # the steps before the failing one were applied
+    with pytest.raises(StepError, match=r"Evaluation failed at batch 3 \(one compiled block\) with InvalidArg"):
+        Trainer(model(), loss="sparse_categorical_crossentropy", steps_per_execution=1).evaluate(
+            x, labels, batch_size=16
+        )
+
+
+def test_a_dataset_whose_batches_change_shape_names_the_steps():
+    x = np.ones((32, 5), "float32")
+    data = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(16)
+    data = data.concatenate(tf.data.Dataset.from_tensor_slices((x[:, :4], x[:, :1])).batch(16))
+    inp = keras.layers.Input((5,))
+    trainer = Trainer(keras.Model(inp, keras.layers.Dense(1)(inp)), loss="mse", steps_per_execution=1)
+    with pytest.raises(StepError, match=r"Training failed at step 3 .*Matrix size-incompatible: In\[0\]: \[16,4\]"):
+        trainer.fit(data, progress=False)

@@ -9,6 +9,7 @@ from trainer.errors import (
     MissingKeyError,
     NonFiniteLossError,
     ShapeMismatchError,
+    StepError,
     UserCodeError,
 )
 from trainer.plots import PlotWriter, plot_history
@@ -30,6 +31,7 @@ __all__ = [
     "PlotWriter",
     "ProgressWriter",
     "ShapeMismatchError",
+    "StepError",
     "Task",
     "TensorBoardWriter",
     "Trainer",

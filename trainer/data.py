@@ -135,6 +135,15 @@ class Data:
         scalars = [name for name, a in leaves if a.ndim == 0]
         if scalars:
             raise DataError(f"{self.what}: {', '.join(scalars)} is a scalar; every array needs a first (example) axis.")
+        for name, a in leaves:
+            if a.dtype.kind in "OV":  # object or structured arrays: strings and numbers only become tensors
+                try:
+                    tf.convert_to_tensor(a)
+                except (ValueError, TypeError) as err:
+                    raise DataError(
+                        f"{self.what}: {name} ({a.dtype}) holds values that cannot become a tensor ({err}); give "
+                        "numbers or strings."
+                    ) from None
         lengths = {name: len(a) for name, a in leaves}
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{name}: {n}" for name, n in lengths.items())

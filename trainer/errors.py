@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from losses import LossProtocolError, ShapeMismatchError
@@ -14,6 +15,7 @@ __all__ = [
     "MissingKeyError",
     "NonFiniteLossError",
     "ShapeMismatchError",
+    "StepError",
     "UserCodeError",
     "describe_tensors",
     "naming",
@@ -88,6 +90,29 @@ class UserCodeError(Exception):
         message = f"{who} raised {type(error).__name__}: {first}\nIt was given:\n" + "\n".join(given)
         super().__init__(message + (f"\n{hint}" if hint else ""))
         self.who = who
+        self.original = error
+
+
+class StepError(RuntimeError):
+    """An operation failed inside a compiled block, on a batch the first-batch check did not see (a label out of the
+    classes' range, a batch of another shape, memory). The message names the steps the block covered and the
+    operation's error; the TensorFlow error is the ``__cause__``. A training block's steps before the failing one
+    were applied."""
+
+    def __init__(self, mode: str, done: int, count: int, error: BaseException) -> None:
+        first = (str(error).strip().splitlines() or [""])[0]
+        first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)[:400]  # the graph function's name says nothing
+        what, unit = ("Training", "step") if mode == "train" else ("Evaluation", "batch")
+        where = f"{unit} {done + 1}" if count == 1 else f"{unit}s {done + 1}-{done + count}"
+        message = f"{what} failed at {where} (one compiled block) with {type(error).__name__}: {first}"
+        if mode == "train":
+            message += (
+                "\nThe block's steps before the failing one were applied: the weights are those after the last step "
+                "that completed."
+            )
+        if count > 1:
+            message += f"\nsteps_per_execution=1 names the exact {unit}."
+        super().__init__(message)
         self.original = error
 
 

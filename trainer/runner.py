@@ -19,7 +19,7 @@ import tensorflow as tf
 from trainer.blocks import BlockSizer
 from trainer.cadence import Every, steps_to_boundary
 from trainer.cluster import is_multi_worker
-from trainer.errors import NonFiniteLossError
+from trainer.errors import NonFiniteLossError, StepError
 from trainer.options import AUTO
 from trainer.step import BlockInfo, Steps
 
@@ -181,6 +181,7 @@ class BlockRunner:
 
         Raises:
             NonFiniteLossError: a training step's loss was non-finite (see ``nan_policy``).
+            StepError: an operation failed inside a block (TensorFlow's error is the cause).
         """
         hooks = hooks or BlockHooks()
         train = mode == "train"
@@ -194,7 +195,11 @@ class BlockRunner:
             start = time.perf_counter()
             stop = self._count(int(train and hooks.stop_requested()))
             # The one host sync per block: everything the outer loop needs comes back in a single vector.
-            info = self.steps.unpack(mode, block(iterator, self._count(n), stop).numpy())
+            try:
+                result = block(iterator, self._count(n), stop).numpy()
+            except tf.errors.OpError as err:  # on a later batch: the first one was checked before any update
+                raise StepError(mode, self.global_step if train else done, n, err) from err
+            info = self.steps.unpack(mode, result)
             sizer.observe(n, info.ran, time.perf_counter() - start)
             if train:
                 self.global_step += info.ran

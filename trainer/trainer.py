@@ -297,6 +297,7 @@ class Trainer:
         Raises:
             DataError, MissingKeyError, ShapeMismatchError: bad data or structure (the message names it).
             UserCodeError: a loss, metric or the model raised on the first batch (or while tracing).
+            StepError: an operation failed on a later batch (a label out of range, another shape); names the steps.
             NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
             TrainingInterrupted: SIGTERM/SIGINT arrived (with ``checkpoint_dir``); the run can be resumed.
         """
