@@ -337,3 +337,5 @@ def test_a_dataset_whose_batches_change_shape_names_the_steps():
     trainer = Trainer(keras.Model(inp, keras.layers.Dense(1)(inp)), loss="mse", steps_per_execution=1)
     with pytest.raises(StepError, match=r"Training failed at step 3 .*Matrix size-incompatible: In\[0\]: \[16,4\]"):
         trainer.fit(data, progress=False)
+    with pytest.raises(StepError, match=r"Prediction failed at batch 3 \(one compiled block\) with InvalidArgument"):
+        trainer.predict(data.map(lambda x, y: x))

@@ -102,7 +102,8 @@ class StepError(RuntimeError):
     def __init__(self, mode: str, done: int, count: int, error: BaseException) -> None:
         first = (str(error).strip().splitlines() or [""])[0]
         first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)[:400]  # the graph function's name says nothing
-        what, unit = ("Training", "step") if mode == "train" else ("Evaluation", "batch")
+        what = {"train": "Training", "eval": "Evaluation", "predict": "Prediction"}[mode]
+        unit = "step" if mode == "train" else "batch"
         where = f"{unit} {done + 1}" if count == 1 else f"{unit}s {done + 1}-{done + count}"
         message = f"{what} failed at {where} (one compiled block) with {type(error).__name__}: {first}"
         if mode == "train":

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data import Data
+from trainer.errors import StepError
 from trainer.inputs import VERBOSE, python_source
 from trainer.options import choice, optional, positive_int
 
@@ -69,11 +70,15 @@ class Predictor:
     def __call__(self, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
         chunks: dict[str, list[np.ndarray]] = {}
         iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
+        done = 0
         while True:
             try:
                 outputs, sizes = self._step(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 break
+            except tf.errors.OpError as err:  # on a later batch (the first one fails while tracing, named)
+                raise StepError("predict", done, 1, err) from err
+            done += 1
             sizes = sizes.numpy()
             for name, value in outputs.items():
                 value = value.numpy()
