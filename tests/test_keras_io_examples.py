@@ -108,6 +108,21 @@ def test_keras_io_vae_matches_its_own_train_step_under_fit():
         np.testing.assert_allclose(np.asarray(mine), np.asarray(keras_weight), rtol=RTOL, atol=ATOL)
 
 
+def test_the_keras_io_vae_itself_is_told_that_its_train_step_is_not_called():
+    """Passing the VAE class as printed: tapeloop would silently bypass its train_step (and with no loss there was
+    only "`loss` is required"); likewise a compiled model's loss is named, not read."""
+    vae = VAE(*_vae_parts())
+    with pytest.raises(ValueError, match=r"`loss` is required\. VAE\.train_step will not be called: the Trainer runs"):
+        Trainer(vae)
+    with pytest.warns(UserWarning, match=r"VAE\.train_step will not be called"):
+        Trainer(vae, loss=vae_loss)
+    inputs = keras.Input((3,))
+    compiled = keras.Model(inputs, layers.Dense(1)(inputs))
+    compiled.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match=r"does not read model\.compile\(\)'s arguments; .* loss='mse'"):
+        Trainer(compiled)
+
+
 # -- keras.io "Knowledge Distillation" (its Keras 3 form: compute_loss) -----------------------------------------------
 
 

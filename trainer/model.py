@@ -7,15 +7,17 @@ traces the step, sums ``model.losses``, and lists the state an inspecting pass m
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from trainer.errors import OWN_ERRORS, UserCodeError, describe_tensors
 from trainer.options import accepts_training
-from trainer.structure import as_output_dict, keyed, output_hint
+from trainer.structure import as_output_dict, keyed, output_hint, preserved
 
-__all__ = ["ModelCall"]
+__all__ = ["ModelCall", "check_own_training"]
 
 HALF = (tf.float16, tf.bfloat16)
 
@@ -33,6 +35,7 @@ class ModelCall:
         self.model = model
         self.hint = output_hint(model)  # extra text for a missing output name
         self._training_arg = accepts_training(model)
+        self._names: list[str] | None = None  # the output names, once known
 
     def __call__(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
         model = self.model
@@ -58,6 +61,13 @@ class ModelCall:
             raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
         return list(variables)
 
+    def output_names(self, inputs: Any, strategy: tf.distribute.Strategy) -> list[str]:
+        """The model's output names, from one eager forward pass that changes no state (cached)."""
+        if self._names is None:
+            with strategy.scope(), preserved(self.state()):
+                self._names = list(self(inputs, training=False))
+        return self._names
+
     def state(self) -> list[tf.Variable]:
         """What an inspecting forward pass could change: the non-trainable variables (random generator states,
         moving statistics, counters)."""
@@ -65,3 +75,29 @@ class ModelCall:
         if found is None:
             found = getattr(self.model, "variables", None) or []
         return list(found)
+
+
+def check_own_training(model: Any, loss: Any) -> None:
+    """What a Keras user may expect the Trainer to read from the model, said when it does not: ``compile()``'s loss
+    (no ``loss`` given: an error naming it), and an override of ``train_step``/``compute_loss``/``test_step``
+    (keras.io's custom-training examples), which tapeloop's step never calls: an error without a ``loss``, a
+    warning with one (the override would be bypassed silently otherwise)."""
+    if not isinstance(model, keras.Model):
+        return
+    if loss is None and getattr(model, "compiled", False) and getattr(model, "loss", None) is not None:
+        raise ValueError(
+            f"`loss` is required: the Trainer does not read model.compile()'s arguments; pass them to it, e.g. "
+            f"Trainer(model, loss={model.loss!r}, ...) (compile's loss, loss_weights and metrics forms are taken)."
+        )
+    own = [name for name in ("train_step", "compute_loss", "test_step")
+           if getattr(type(model), name, None) is not getattr(keras.Model, name)]  # fmt: skip
+    if not own:
+        return
+    methods = " and ".join(f"{type(model).__name__}.{name}" for name in own)
+    what = (
+        f"{methods} will not be called: the Trainer runs its own step, which differentiates `loss` "
+        "(a loss(outputs, targets) on the model's outputs; README: Coming from Keras)."
+    )
+    if loss is None:
+        raise ValueError(f"`loss` is required. {what} Write what {own[0]} computes as that loss.")
+    warnings.warn(what, UserWarning, stacklevel=3)

@@ -29,7 +29,7 @@ from trainer.errors import DataError, names, naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
-from trainer.model import ModelCall
+from trainer.model import ModelCall, check_own_training
 from trainer.objective import Objective
 from trainer.options import (
     AUTO,
@@ -110,6 +110,7 @@ class Trainer:
         aggregator: str | Aggregator | LossWeighting | None = None,
     ) -> None:
         self._call = ModelCall(model)  # checks that the model is callable
+        check_own_training(model, loss)
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {strategy!r}.")
         check_flags(jit_compile=jit_compile, run_eagerly=run_eagerly, log_grad_norms=log_grad_norms)
@@ -132,7 +133,6 @@ class Trainer:
         )
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
-        self._names: list[str] | None = None  # the model's output names, once known
         self._predictor: Predictor | None = None
 
     # -- public state ---------------------------------------------------------------------------------------------
@@ -364,11 +364,7 @@ class Trainer:
         return history
 
     def _output_names(self, inputs: Any) -> list[str]:
-        """The model's output names, from one eager forward pass that changes no state (cached)."""
-        if self._names is None:
-            with self.strategy.scope(), preserved(self._inspected_state()):
-                self._names = list(self._call(inputs, training=False))
-        return self._names
+        return self._call.output_names(inputs, self.strategy)
 
     # -- evaluate and predict -------------------------------------------------------------------------------------
 
