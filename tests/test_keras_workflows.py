@@ -215,3 +215,30 @@ def test_weighted_metrics_per_output_use_that_outputs_sample_weights_as_in_fit()
     assert_history_close(ours, theirs, keys)
     with pytest.raises(TypeError, match=r"a callable metric\(outputs, targets\) goes in `metrics`"):
         Trainer(model, loss=losses, weighted_metrics={"mine": lambda outputs, targets: 0.0})
+
+
+def test_batch_hooks_see_the_logs_fit_gives_them_and_the_last_batch_run():
+    """Per-batch logs (what a callback sends to an experiment tracker) are Keras' running means, and every hook gets a
+    dict (on_epoch_begin got None). With several steps per call both report once per block; Keras 3.15 numbers a block
+    by its nominal end (batch 3 of a 3-batch epoch, batch 1 of a 1-batch evaluation), tapeloop by the last batch run."""
+
+    def recorder(seen):
+        def note(kind):
+            return lambda index, logs: seen.append((kind, index, {k: round(float(v), 6) for k, v in logs.items()}))
+
+        return keras.callbacks.LambdaCallback(
+            on_epoch_begin=note("epoch"), on_train_batch_end=note("train"), on_test_batch_end=note("test")
+        )
+
+    x, y = _data(48, 3)
+    for spe, renumbered in ((1, {}), (2, {("train", 3): 2, ("test", 1): 0})):
+        model, _, twin = _pair()
+        twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"], steps_per_execution=spe)
+        theirs, ours = [], []
+        args = {"batch_size": 16, "epochs": 2, "shuffle": False, "validation_data": (x[:16], y[:16])}
+        twin.fit(x, y, verbose=0, callbacks=[recorder(theirs)], **args)
+        trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"],
+                          steps_per_execution=spe)  # fmt: skip
+        trainer.fit(x, y, progress=False, callbacks=[recorder(ours)], **args)
+        expected = [(kind, renumbered.get((kind, index), index), logs) for kind, index, logs in theirs]
+        assert ours == expected

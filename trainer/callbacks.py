@@ -116,6 +116,7 @@ class CallbackList:
         """
         if isinstance(self.model, keras.Model):
             self.model._initial_epoch = None
+        logs = {} if logs is None else logs
         for callback in self.callbacks:
             callback.on_train_begin(logs)
         restored = getattr(self.model, "_initial_epoch", None)
@@ -132,6 +133,8 @@ class CallbackList:
         methods = [m for m in (getattr(cb, hook) for cb in self.callbacks) if getattr(m, "__func__", None) is not base]
 
         def dispatch(*args: Any) -> None:
+            if args and args[-1] is None:  # as Keras: every hook gets a logs dict, one shared by all callbacks
+                args = (*args[:-1], {})
             for method in methods:
                 method(*args)
 
