@@ -242,3 +242,35 @@ def test_batch_hooks_see_the_logs_fit_gives_them_and_the_last_batch_run():
         trainer.fit(x, y, progress=False, callbacks=[recorder(ours)], **args)
         expected = [(kind, renumbered.get((kind, index), index), logs) for kind, index, logs in theirs]
         assert ours == expected
+
+
+@pytest.mark.parametrize("steps_per_execution", ["auto", 4])
+def test_model_checkpoint_every_n_batches_saves_at_the_steps_fit_saves_at(tmp_path, steps_per_execution):
+    """save_freq=3 over 10-batch epochs: Keras (one step per call) saves after global steps 3, 6, 9, 12, 15, 18. The
+    blocks used to end where the block sizes fell (ours saved e1b4, e1b8 and e2b8); now they end on multiples of 3."""
+    x, y = _data(160, 7)
+
+    def saving(directory):
+        path = str(directory / "e{epoch}b{batch}.weights.h5")
+        return [keras.callbacks.ModelCheckpoint(path, save_weights_only=True, save_freq=3)]
+
+    model, _, twin = _pair()
+    twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=saving(tmp_path / "keras"))
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=steps_per_execution)
+    trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False, callbacks=saving(tmp_path / "ours"))
+    names = sorted(os.listdir(tmp_path / "keras"))
+    assert names == [f"e{e}b{b}.weights.h5" for e, b in ((1, 3), (1, 6), (1, 9), (2, 2), (2, 5), (2, 8))]
+    assert sorted(os.listdir(tmp_path / "ours")) == names
+    for name in names:
+        saved = [_model(), _model()]
+        for side, into in zip(("ours", "keras"), saved):
+            into.load_weights(tmp_path / side / name)
+        assert_weights_close(*saved)
+
+
+def test_keras_tensorboard_with_batch_scalars_is_told_it_counts_blocks(tmp_path):
+    _, trainer, _ = _pair()
+    with pytest.warns(UserWarning, match=r"TensorBoard\(update_freq=2\) counts calls, not steps"):
+        trainer.fit(
+            *TRAIN, epochs=1, progress=False, callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq=2)]
+        )

@@ -91,6 +91,35 @@ def as_callbacks(callbacks: Any, checkpoint_dir: Any = None) -> list[keras.callb
     return list(callbacks)
 
 
+def step_periods(sources: Iterable[Any]) -> list[int]:
+    """The step periods training blocks must end on, for the callbacks (and the checkpointer) in ``sources``.
+
+    tapeloop's own parts define ``step_periods()``. Keras' ``ModelCheckpoint`` and ``BackupAndRestore`` with an
+    integer ``save_freq`` count the batches between the indices they are given and save once that many ran: blocks
+    that end on its multiples make them save at the same steps as ``Model.fit`` at one step per call. Keras'
+    ``TensorBoard`` counts calls, not steps: with batch-level scalars and several steps per call it writes per block,
+    as in ``Model.fit`` with ``steps_per_execution`` (a warning says so; ``TensorBoardWriter`` counts steps).
+    """
+    periods = []
+    for source in sources:
+        if source is None:
+            continue
+        periods.extend(getattr(source, "step_periods", list)())
+        keras_saver = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
+        frequency = getattr(source, "save_freq", None)
+        if isinstance(source, keras_saver) and isinstance(frequency, int) and not isinstance(frequency, bool):
+            periods.append(frequency)
+        if isinstance(source, keras.callbacks.TensorBoard) and source.update_freq != "epoch":
+            warnings.warn(
+                f"keras.callbacks.TensorBoard(update_freq={source.update_freq}) counts calls, not steps: its "
+                "batch-level scalars are written once per block of steps (as Model.fit does with "
+                "steps_per_execution). Use trainer.TensorBoardWriter(every=N), or steps_per_execution=1.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return periods
+
+
 class CallbackList:
     """Calls each hook on every callback, in order (synchronously: a writer sees steps in order)."""
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 from losses.aggregators import Aggregator, resolve
 from losses.weighting import LossWeighting
 from trainer.balance import EpochWeighting, make_balance
-from trainer.callbacks import CallbackList, History, as_callbacks, callback_model
+from trainer.callbacks import CallbackList, History, as_callbacks, callback_model, step_periods
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
@@ -353,7 +353,7 @@ class Trainer:
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
         callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
-        runner.set_periods(p for source in sources if source for p in getattr(source, "step_periods", list)())
+        runner.set_periods(step_periods(sources))
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
         loop = FitLoop(runner, epochs_runner, validation, callbacks, history, checkpointer)
         try:
