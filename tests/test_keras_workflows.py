@@ -274,3 +274,30 @@ def test_keras_tensorboard_with_batch_scalars_is_told_it_counts_blocks(tmp_path)
         trainer.fit(
             *TRAIN, epochs=1, progress=False, callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq=2)]
         )
+
+
+def test_model_checkpoint_every_n_batches_saves_at_the_same_steps_after_a_resume(tmp_path):
+    """Its batch counters are part of tapeloop's checkpoint, as EarlyStopping's state is: a run resumed mid-epoch
+    saves after the same steps, with the same weights, as one never interrupted."""
+    x, y = _data(160, 7)
+
+    def run(directory, crash_at=None):
+        _, trainer, _ = _pair()
+        path = str(directory / "saved" / "e{epoch}b{batch}.weights.h5")
+        callbacks = [keras.callbacks.ModelCheckpoint(path, save_weights_only=True, save_freq=3)]
+        if crash_at is not None:
+            callbacks.append(helpers.Crash(trainer, crash_at))
+        args = {"batch_size": 16, "epochs": 2, "shuffle": False, "progress": False}
+        trainer.fit(x, y, checkpoint_dir=str(directory / "ckpt"), checkpoint_every=4, callbacks=callbacks, **args)
+
+    run(tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "resumed", crash_at=14)  # the last checkpoint: step 12, epoch 2's third batch
+    run(tmp_path / "resumed")
+    names = sorted(os.listdir(tmp_path / "straight" / "saved"))
+    assert sorted(os.listdir(tmp_path / "resumed" / "saved")) == names and len(names) == 6
+    for name in names:
+        saved = [_model(), _model()]
+        for side, into in zip(("straight", "resumed"), saved):
+            into.load_weights(tmp_path / side / "saved" / name)
+        assert_weights_close(*saved)
