@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -270,6 +271,10 @@ def test_model_checkpoint_every_n_batches_saves_at_the_steps_fit_saves_at(tmp_pa
 
 def test_keras_tensorboard_with_batch_scalars_is_told_it_counts_blocks(tmp_path):
     _, trainer, _ = _pair()
+    with warnings.catch_warnings():  # one step per call: it counts steps, nothing to say
+        warnings.simplefilter("error", UserWarning)
+        board = keras.callbacks.TensorBoard(str(tmp_path / "one"), update_freq=2)
+        Trainer(_model(), loss="mse", steps_per_execution=1).fit(*TRAIN, progress=False, callbacks=[board])
     with pytest.warns(UserWarning, match=r"TensorBoard\(update_freq=2\) counts calls, not steps"):
         trainer.fit(
             *TRAIN, epochs=1, progress=False, callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq=2)]

@@ -91,7 +91,7 @@ def as_callbacks(callbacks: Any, checkpoint_dir: Any = None) -> list[keras.callb
     return list(callbacks)
 
 
-def step_periods(sources: Iterable[Any]) -> list[int]:
+def step_periods(sources: Iterable[Any], steps_per_execution: int | str) -> list[int]:
     """The step periods training blocks must end on, for the callbacks (and the checkpointer) in ``sources``.
 
     tapeloop's own parts define ``step_periods()``. Keras' ``ModelCheckpoint`` and ``BackupAndRestore`` with an
@@ -109,7 +109,8 @@ def step_periods(sources: Iterable[Any]) -> list[int]:
         frequency = getattr(source, "save_freq", None)
         if isinstance(source, keras_saver) and isinstance(frequency, int) and not isinstance(frequency, bool):
             periods.append(frequency)
-        if isinstance(source, keras.callbacks.TensorBoard) and source.update_freq != "epoch":
+        board = isinstance(source, keras.callbacks.TensorBoard) and source.update_freq != "epoch"
+        if board and steps_per_execution != 1:
             warnings.warn(
                 f"keras.callbacks.TensorBoard(update_freq={source.update_freq}) counts calls, not steps: its "
                 "batch-level scalars are written once per block of steps (as Model.fit does with "

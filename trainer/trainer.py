@@ -353,7 +353,7 @@ class Trainer:
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
         callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
         sources = [*callbacks.callbacks, checkpointer]
-        runner.set_periods(step_periods(sources))
+        runner.set_periods(step_periods(sources, self.steps_per_execution))
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
         loop = FitLoop(runner, epochs_runner, validation, callbacks, history, checkpointer)
         try:
