@@ -44,6 +44,21 @@ def test_k_micro_batches_equal_one_big_batch(n, spe):
     assert small.trace_counts["train"] == 1
 
 
+def test_accumulation_equals_keras_optimizer_accumulation_under_fit():
+    """The outside reference: Model.fit with Adam(gradient_accumulation_steps=3) on the same micro-batches (Adam's
+    bias correction counts updates there too: 8 after 2 epochs of 4 groups)."""
+    data = helpers.example1_data(96)
+    ours = helpers.example1()
+    theirs = helpers.clone(ours)
+    theirs.compile(optimizer=keras.optimizers.Adam(0.01, gradient_accumulation_steps=3), loss=LOSSES)
+    args = {"batch_size": 8, "epochs": 2, "shuffle": False}
+    theirs.fit(*data, verbose=0, **args)
+    trainer = Trainer(ours, optimizer=keras.optimizers.Adam(0.01), loss=LOSSES, gradient_accumulation_steps=3)
+    trainer.fit(data, progress=False, **args)
+    helpers.assert_weights_close(ours, theirs)
+    assert int(trainer.optimizer.iterations) == int(theirs.optimizer.iterations) == 8
+
+
 def test_accumulation_under_a_strategy_equals_one_device_big_batch():
     data = helpers.example1_data(60)
     keras.utils.set_random_seed(3)
