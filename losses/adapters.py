@@ -22,6 +22,7 @@ __all__ = [
     "display_name",
     "per_output",
     "sample_weight_key",
+    "sample_weight_of",
 ]
 
 
@@ -45,6 +46,15 @@ SAMPLE_WEIGHT = "sample_weight"
 def sample_weight_key(output: str | None = None) -> str:
     """The target that carries sample weights: ``sample_weight`` (every output), ``sample_weight/<output>`` (one)."""
     return SAMPLE_WEIGHT if output is None else f"{SAMPLE_WEIGHT}/{output}"
+
+
+def sample_weight_of(targets: Mapping[str, tf.Tensor], output: str) -> tf.Tensor | None:
+    """The weights an output's Keras-style loss or weighted metric uses: ``sample_weight/<output>`` if the batch has
+    it, else ``sample_weight``, else None (unweighted)."""
+    for key in (sample_weight_key(output), SAMPLE_WEIGHT):
+        if key in targets:
+            return targets[key]
+    return None
 
 
 _KERAS_SCALED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -194,10 +204,7 @@ class PerOutputLoss:
     def _sample_weight(self, targets: Mapping[str, tf.Tensor]) -> tf.Tensor | None:
         if self.sample_weight is not None:
             return targets[self.sample_weight]
-        for key in (sample_weight_key(self.output), SAMPLE_WEIGHT):
-            if key in targets:
-                return targets[key]
-        return None
+        return sample_weight_of(targets, self.output)
 
     def __repr__(self) -> str:
         return f"per_output({self.name!r}, output={self.output!r}, target={self.target!r})"

@@ -393,18 +393,3 @@ def test_keras_argument_mistakes_are_named():
         Trainer(helpers.example1(), loss={"regression_output": "mse", "classification_output": "mse"},
                 metrics=["mae"]).fit(*helpers.example1_data(8), progress=False)  # fmt: skip
     assert single.global_step == 0
-
-
-# -- what fit does around the loop ------------------------------------------------------------------------------------
-
-
-def test_ema_optimizer_ends_with_the_averaged_weights_as_fit_does():
-    x, y = helpers.example1_data(64)
-    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
-    model = helpers.example1()
-    twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
-    twin.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
-    trainer.fit((x, y), batch_size=16, epochs=3, shuffle=False, progress=False)
-    assert_weights_close(model, twin)

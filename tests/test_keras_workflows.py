@@ -1,4 +1,5 @@
-"""Keras' callbacks, weighted metrics and the fine-tuning workflow, held against Model.fit (same model, data, order)."""
+"""Keras' callbacks, weighted metrics, EMA optimizers and the fine-tuning workflow, held against Model.fit on the
+same model, data and order."""
 
 import functools
 import json
@@ -306,3 +307,15 @@ def test_model_checkpoint_every_n_batches_saves_at_the_same_steps_after_a_resume
         for side, into in zip(("straight", "resumed"), saved):
             into.load_weights(tmp_path / side / "saved" / name)
         assert_weights_close(*saved)
+
+
+def test_ema_optimizer_ends_with_the_averaged_weights_as_fit_does():
+    x, y = helpers.example1_data(64)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
+    twin.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
+    trainer.fit((x, y), batch_size=16, epochs=3, shuffle=False, progress=False)
+    assert_weights_close(model, twin)

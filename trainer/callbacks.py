@@ -100,12 +100,12 @@ def step_periods(sources: Iterable[Any], steps_per_execution: int | str) -> list
     ``TensorBoard`` counts calls, not steps: with batch-level scalars and several steps per call it writes per block,
     as in ``Model.fit`` with ``steps_per_execution`` (a warning says so; ``TensorBoardWriter`` counts steps).
     """
+    keras_saver = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
     periods = []
     for source in sources:
         if source is None:
             continue
         periods.extend(getattr(source, "step_periods", list)())
-        keras_saver = (keras.callbacks.ModelCheckpoint, keras.callbacks.BackupAndRestore)
         frequency = getattr(source, "save_freq", None)
         if isinstance(source, keras_saver) and isinstance(frequency, int) and not isinstance(frequency, bool):
             periods.append(frequency)
@@ -119,6 +119,17 @@ def step_periods(sources: Iterable[Any], steps_per_execution: int | str) -> list
                 stacklevel=3,
             )
     return periods
+
+
+def _take_restored_epoch(model: Any) -> int | None:
+    """Read and clear the epoch Keras' ``BackupAndRestore`` restored. Keras has no public interface for it: the
+    callback sets the model's private ``_initial_epoch`` in ``on_train_begin`` and ``Model.fit`` reads it next
+    (``keras/src/callbacks/backup_and_restore.py``, ``keras/src/backend/tensorflow/trainer.py``); this is the one
+    place tapeloop touches it."""
+    if not isinstance(model, keras.Model):
+        return None
+    epoch, model._initial_epoch = getattr(model, "_initial_epoch", None), None
+    return epoch
 
 
 class CallbackList:
@@ -139,20 +150,13 @@ class CallbackList:
         return bool(getattr(self.model, "stop_training", False))
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> int | None:
-        """Call every ``on_train_begin``; returns the epoch Keras' ``BackupAndRestore`` restored, if it did.
-
-        That callback loads the weights it backed up and sets the model's ``_initial_epoch``, which ``Model.fit``
-        reads next. It counts for this fit only (Keras leaves it set, so its next fit starts there too).
-        """
-        if isinstance(self.model, keras.Model):
-            self.model._initial_epoch = None
+        """Call every ``on_train_begin``; returns the epoch Keras' ``BackupAndRestore`` restored, if it did
+        (for this fit only: Keras leaves it on the model, so its next fit starts there too)."""
+        _take_restored_epoch(self.model)  # a stale one, from an earlier Model.fit
         logs = {} if logs is None else logs
         for callback in self.callbacks:
             callback.on_train_begin(logs)
-        restored = getattr(self.model, "_initial_epoch", None)
-        if isinstance(self.model, keras.Model):
-            self.model._initial_epoch = None
-        return restored
+        return _take_restored_epoch(self.model)
 
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from losses import SAMPLE_WEIGHT, components, sample_weight_key
-from losses.adapters import binary_or_sparse, display_name
+from losses import components
+from losses.adapters import binary_or_sparse, display_name, sample_weight_of
 from trainer.errors import names
 from trainer.structure import KeyedView, call_reader
 
@@ -54,14 +54,6 @@ def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: s
             return resolved
         return keras.metrics.MeanMetricWrapper(resolved, name=identifier)
     return keras.metrics.MeanMetricWrapper(identifier, name=getattr(identifier, "__name__", "metric"))
-
-
-def _sample_weight(targets: Mapping[str, tf.Tensor], output: str) -> tf.Tensor | None:
-    """The output's own sample weights, else those of every output, else None (unweighted), as the losses read them."""
-    for key in (sample_weight_key(output), SAMPLE_WEIGHT):
-        if key in targets:
-            return targets[key]
-    return None
 
 
 class MetricSpec:
@@ -171,7 +163,7 @@ class MetricSpec:
         """Update every Keras metric on its output/target pair (in the compiled step)."""
         for key, metric in metric_objects.items():
             output = self._output_of[key]
-            weight = _sample_weight(targets, output) if key in self._weighted_keys else None
+            weight = sample_weight_of(targets, output) if key in self._weighted_keys else None
             metric.update_state(targets[output], outputs[output], sample_weight=weight)
 
     def callable_values(

@@ -136,3 +136,12 @@ def check_same_variables(built: list[tf.Variable], now: list[tf.Variable]) -> No
         + ". A Trainer trains the variables it was built with (as Model.fit does until compile() is called again):"
         " make a new Trainer for the new set, e.g. to fine-tune after unfreezing a base model."
     )
+
+
+def checkpoint_period(checkpoint_dir: object, checkpoint_every: object) -> int | None:
+    """``fit``'s ``checkpoint_every``: a positive int, and only with a ``checkpoint_dir``."""
+    if checkpoint_every is None:
+        return None
+    if checkpoint_dir is None:
+        raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
+    return positive_int("checkpoint_every", checkpoint_every)

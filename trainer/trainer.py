@@ -37,6 +37,7 @@ from trainer.options import (
     check_created_in,
     check_flags,
     check_same_variables,
+    checkpoint_period,
     choice,
     make_optimizer,
     non_negative_int,
@@ -309,10 +310,7 @@ class Trainer:
         check_validation_freq(validation_freq)
         verbose = choice("verbose", verbose, VERBOSE)
         check_flags(shuffle=shuffle)
-        if checkpoint_every is not None:
-            checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
-            if checkpoint_dir is None:
-                raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
+        checkpoint_every = checkpoint_period(checkpoint_dir, checkpoint_every)
         callbacks = as_callbacks(callbacks, checkpoint_dir)
         data, val = fit_data(
             x,
