@@ -63,6 +63,23 @@ def _keyed(value: Any, output_names: list[str], what: str, role: str) -> dict[st
     return {output_names[0]: value}
 
 
+def _check_class_weight(class_weight: object, what: str) -> None:
+    if not isinstance(class_weight, Mapping):
+        raise DataError(
+            f"{what}: class_weight must be a dict {{class index: weight}}, got {type(class_weight).__name__}."
+        )
+    bad = [c for c in class_weight if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0]
+    if bad:
+        raise DataError(
+            f"{what}: class_weight keys must be class indices (ints >= 0); got {', '.join(map(repr, bad))}."
+        )
+    bad = [c for c, w in class_weight.items() if isinstance(w, bool) or not isinstance(w, (int, float, np.number))]
+    if bad:
+        raise DataError(
+            f"{what}: class_weight values must be numbers; those of classes {', '.join(map(repr, bad))} are not."
+        )
+
+
 def class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
     """Keras' rule (``class_weight_to_sample_weights``): a one-hot or probability row counts as its argmax, a
     trailing axis of 1 is squeezed, labels are rounded; classes missing from ``class_weight`` weigh 1."""
@@ -73,9 +90,30 @@ def class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
     return np.array([class_weight.get(int(label), 1.0) for label in labels], np.float32)
 
 
+def class_weights_in_graph(y: tf.Tensor, class_weight: Mapping[int, float]) -> tf.Tensor:
+    """:func:`class_weights` on a dataset's batch of targets, in the graph (Keras' ``make_class_weight_map_fn``, but
+    a class missing from ``class_weight`` weighs 1 here too, where Keras' lookup fails)."""
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 0:
+        raise DataError(f"class_weight needs a batch of labels; the target is a scalar ({y.dtype.name}).")
+    rounded = tf.round(y) if y.dtype.is_floating else y
+    if y.shape.rank == 1 or y.shape.rank is None:
+        labels = tf.cast(rounded, tf.int64)
+    elif y.shape[-1] == 1:
+        labels = tf.cast(tf.squeeze(rounded, axis=-1), tf.int64)
+    else:  # one-hot or probabilities, also when the width is unknown (then a width of 1 would be argmax 0: Keras')
+        labels = tf.argmax(y, axis=-1)
+    size = max(class_weight, default=-1) + 1
+    table = tf.constant([float(class_weight.get(c, 1.0)) for c in range(size)] or [1.0], tf.float32)
+    known = (labels >= 0) & (labels < size)
+    return tf.where(known, tf.gather(table, tf.clip_by_value(labels, 0, max(size - 1, 0))), 1.0)
+
+
 def _with_weights(
-    targets: dict[str, Any], sample_weight: Any, class_weight: Any, output_names: list[str], what: str
-) -> dict[str, Any]:
+    targets: dict[str, Any], sample_weight: Any, class_weight: Any, output_names: list[str], what: str,
+    weigh: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """``targets`` with the sample weights added (``weigh=False``: only check that class_weight applies)."""
     if class_weight is not None:
         if sample_weight is not None:
             raise DataError(f"{what}: class_weight and sample_weight exclude each other (as in Keras); give one.")
@@ -84,6 +122,8 @@ def _with_weights(
                 f"{what}: class_weight applies to a single output (as in Keras); the targets are {names(targets)}. "
                 "Give sample_weight per output instead."
             )
+        if not weigh:
+            return targets
         sample_weight = class_weights(next(iter(targets.values())), class_weight)
     if sample_weight is None:
         return targets
@@ -96,28 +136,41 @@ def _with_weights(
     return {**targets, sample_weight_key(): sample_weight}
 
 
-def _keyed_dataset(dataset: tf.data.Dataset, output_names: OutputNames, what: str) -> tf.data.Dataset:
+def _keyed_dataset(
+    dataset: tf.data.Dataset, output_names: OutputNames, what: str, class_weight: Mapping[int, float] | None = None
+) -> tf.data.Dataset:
     """A dataset of Keras' ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)`` elements in tapeloop's form:
-    ``y`` and ``sample_weight`` a dict, a tuple in output order or one tensor, as ``Model.fit`` takes them."""
+    ``y`` and ``sample_weight`` a dict, a tuple in output order or one tensor, as ``Model.fit`` takes them;
+    ``class_weight`` adds each example's class weight as its sample weight, as ``Model.fit`` does."""
     spec = dataset.element_spec
     if isinstance(spec, tf.TypeSpec) or (isinstance(spec, tuple) and len(spec) == 1):
+        if class_weight is not None:
+            raise DataError(f"{what}: class_weight needs targets, and the dataset's elements are inputs alone.")
         return dataset.map(lambda x: (x, {}))  # inputs alone, as Keras reads them: no targets
-    if not isinstance(spec, tuple) or len(spec) not in (2, 3) or (isinstance(spec[1], Mapping) and len(spec) == 2):
+    own_form = isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], Mapping)
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3) or (own_form and class_weight is None):
         return dataset  # tapeloop's form already, or something Data will reject with its own message
-    outputs = output_names(next(iter(dataset.take(1)))[0])
+    outputs = list(spec[1]) if own_form else output_names(next(iter(dataset.take(1)))[0])
     if not isinstance(spec[1], (Mapping, tuple, list)) and len(outputs) != 1:
         return dataset  # one target tensor for several outputs: Data says the targets must be a dict
 
-    def keyed(x, y, weight=None):
-        return x, _with_weights(_keyed(y, outputs, what, "y"), weight, None, outputs, what)
+    def keyed(x, y, weight=None, graph=True):
+        targets = _keyed(y, outputs, what, "y")
+        if class_weight is not None:  # the checks of the arrays' path, then the weights in the graph
+            _with_weights(targets, weight, class_weight, outputs, what, weigh=False)
+            weight = class_weights_in_graph(next(iter(targets.values())), class_weight) if graph else None
+        return x, _with_weights(targets, weight, None, outputs, what)
 
-    keyed(*spec)  # the same on the element's structure: a DataError here, not inside tf.data's tracing
+    keyed(*spec, graph=False)  # the same on the element's structure: a DataError here, not inside tf.data's tracing
     return dataset.map(keyed)
 
 
-def python_source(x: Any, what: str, output_names: OutputNames | None = None) -> Any:
-    """A ``keras.utils.PyDataset`` as :class:`IndexedBatches` (``output_names`` None: its inputs only, for predict);
-    a Python generator is refused with what to do instead; anything else as given."""
+def python_source(
+    x: Any, what: str, output_names: OutputNames | None = None, class_weight: Mapping[int, float] | None = None
+) -> Any:
+    """A ``keras.utils.PyDataset`` as :class:`IndexedBatches` (``output_names`` None: its inputs only, for predict;
+    ``class_weight`` weighs each batch's examples by class); a Python generator is refused with what to do instead;
+    anything else as given."""
     if isinstance(x, types.GeneratorType):
         raise DataError(
             f"{what}: a Python generator can be read only once; give a keras.utils.PyDataset, or "
@@ -131,9 +184,11 @@ def python_source(x: Any, what: str, output_names: OutputNames | None = None) ->
     def key(batch: tuple) -> tuple[Any, dict[str, Any]]:
         inputs, y, weight = (*batch, None, None)[:3]
         if y is None:
+            if class_weight is not None:
+                raise DataError(f"{what}: class_weight needs targets, and the PyDataset's batches are inputs alone.")
             return inputs, {}
         outputs = output_names(inputs)
-        return inputs, _with_weights(_keyed(y, outputs, what, "y"), weight, None, outputs, what)
+        return inputs, _with_weights(_keyed(y, outputs, what, "y"), weight, class_weight, outputs, what)
 
     return IndexedBatches(x, key, what)
 
@@ -153,14 +208,16 @@ def keras_source(
     a dict, a list or tuple of other than two) is inputs alone, with no targets, as in ``Model.fit(x)``.
     ``y`` may be a dict by output name, a list in output order, or one array for a single-output model.
     """
-    x = python_source(x, what, output_names)
+    if class_weight is not None:
+        _check_class_weight(class_weight, what)
+    x = python_source(x, what, output_names, class_weight)
     if isinstance(x, (tf.data.Dataset, IndexedBatches)):
-        if y is not None or sample_weight is not None or class_weight is not None:
+        if y is not None or sample_weight is not None:
             raise DataError(
-                f"{what}: y, sample_weight and class_weight must be None when x is a tf.data.Dataset or a "
-                "PyDataset: its elements carry the targets (and sample weights, as a third element)."
+                f"{what}: y and sample_weight must be None when x is a tf.data.Dataset or a PyDataset: its elements "
+                "carry the targets (and sample weights, as a third element)."
             )
-        return x if isinstance(x, IndexedBatches) else _keyed_dataset(x, output_names, what)
+        return x if isinstance(x, IndexedBatches) else _keyed_dataset(x, output_names, what, class_weight)
     if y is None:
         if sample_weight is not None or class_weight is not None:
             raise DataError(f"{what}: sample_weight and class_weight need y (or x = (inputs, {{name: target}})).")

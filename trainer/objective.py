@@ -73,6 +73,8 @@ class Objective:
             self._entries[None] = loss
         else:
             raise TypeError(f"`loss` is a {type(loss).__name__}; expected a callable or a dict {{name: loss}}.")
+        if isinstance(loss_weights, numbers.Real) and not isinstance(loss_weights, bool):
+            loss_weights = {self._only_key(): loss_weights}  # Keras' loss_weights=[w] for a one-output model
         weights = dict(loss_weights or {})
         for key, value in weights.items():
             if not isinstance(key, str):
@@ -83,6 +85,15 @@ class Objective:
         self.weights: dict[str, tf.Variable] = {}
         self.keys: list[str] = []
         self._name_of: dict[str, str | None] = {}
+
+    def _only_key(self) -> str:
+        """The key a single loss weight applies to: the one loss's name, or the total for an unnamed loss."""
+        if len(self._entries) > 1:
+            raise ValueError(
+                f"`loss_weights` is one number but there are {len(self._entries)} losses ({names(self.names)}); "
+                "give a dict {loss name: weight}."
+            )
+        return next((name for name in self._entries if name is not None), TOTAL)
 
     @property
     def names(self) -> list[str]:

@@ -63,6 +63,8 @@ def by_output_order(what: str, value: object, model: object, *, per_output: bool
     if not isinstance(value, (list, tuple)) or not value or flat:
         return value
     outputs = list(getattr(model, "output_names", None) or [])
+    if len(value) == 1 and len(outputs) < 2 and _single_output_layer(model) is not None:
+        return value[0]  # Keras' list form for a one-output model (a Sequential has no output_names): the entry
     if len(outputs) < 2:
         raise TypeError(
             f"`{what}` is a list, Keras' form for a model with several outputs (read in model.output_names order); "
@@ -88,6 +90,21 @@ def no_lists(structure: object) -> object:
     return structure
 
 
+def _single_output_layer(model: object) -> str | None:
+    """The name of the layer making a one-output Keras model's output (Keras' output name), else None."""
+    try:
+        outputs = list(getattr(model, "outputs", None) or [])
+    except Exception:  # a subclassed model not built yet
+        return None
+    if len(outputs) != 1:
+        return None
+    names_ = list(getattr(model, "output_names", None) or [])
+    if names_:
+        return names_[0]
+    layers = getattr(model, "layers", None) or []
+    return layers[-1].name if layers else None
+
+
 def output_hint(model: object) -> Callable[[str], str]:
     """A function giving an extra hint for a missing output name, e.g. when it names an inner layer of the model."""
 
@@ -95,6 +112,11 @@ def output_hint(model: object) -> Callable[[str], str]:
         get_layer = getattr(model, "get_layer", None)
         if get_layer is None:
             return ""
+        if key == _single_output_layer(model):
+            return (
+                f" {key!r} makes the model's only output, which the model returns as one tensor: tapeloop names it "
+                "'output' (read outputs['output']; a Keras loss name or object can be given alone, loss='mse')."
+            )
         try:
             get_layer(key)
         except ValueError:

@@ -1,0 +1,145 @@
+"""Keras' argument forms, held against Model.fit: compile's list forms for a one-output model and class_weight with
+a tf.data.Dataset or a PyDataset."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+from tests import helpers
+from tests.helpers import assert_history_close, assert_weights_close
+from trainer import DataError, Trainer
+
+RNG = np.random.default_rng(7)
+X = RNG.normal(size=(64, 5)).astype("float32")
+LABELS = RNG.integers(0, 3, 64)
+TRAIN = (X, LABELS)
+CLASS_WEIGHT = {0: 1.0, 1: 3.0, 2: 0.5}
+
+
+def _one_output(kind: str) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    if kind == "sequential":
+        return keras.Sequential([layers.Input((5,)), layers.Dense(3)])
+    inp = layers.Input((5,))
+    out = layers.Dense(3, name="probs")(inp)
+    return keras.Model(inp, [out] if kind == "listed" else out)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "listed"])
+def test_compiles_one_entry_lists_for_a_one_output_model_match_fit(kind):
+    """Keras takes ``loss=[...]``, ``loss_weights=[w]`` and ``metrics=[[...]]`` for a one-output model too (a
+    Sequential has no ``output_names``); they were a TypeError."""
+    x, y = TRAIN
+    kwargs = {"loss": ["sparse_categorical_crossentropy"], "loss_weights": [2.0], "metrics": [["accuracy"]]}
+    model = _one_output(kind)
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    assert_history_close(ours, theirs, {"loss": "loss", "accuracy": "accuracy"})
+    unweighted = keras.losses.sparse_categorical_crossentropy(y, model.predict(x, verbose=0)).numpy().mean()
+    assert trainer.evaluate(x, y)["loss"] == pytest.approx(2.0 * unweighted, rel=1e-5)
+    assert_weights_close(model, twin)
+
+
+def test_one_number_of_loss_weights_needs_one_loss():
+    loss = {"a": lambda o, t: o["output"][:, 0], "b": lambda o, t: o["output"][:, 1]}
+    with pytest.raises(ValueError, match=r"`loss_weights` is one number but there are 2 losses \('a', 'b'\)"):
+        Trainer(_one_output("functional"), loss=loss, loss_weights=[2.0])
+
+
+def test_a_one_output_model_keyed_by_its_layer_name_says_the_output_is_named_output():
+    """Keras names a one-output model's output after its layer; tapeloop names a returned tensor 'output' (the
+    design card). The error said "'probs' is a layer inside the model but not one of its outputs", which is false."""
+    trainer = Trainer(_one_output("functional"), loss={"probs": "sparse_categorical_crossentropy"})
+    with pytest.raises(KeyError, match=r"'probs' makes the model's only output.*tapeloop names it 'output'") as err:
+        trainer.fit(TRAIN[0], np.zeros(len(TRAIN[0])), batch_size=8, progress=False)
+    assert "not one of its outputs" not in str(err.value)
+
+
+def _classifier() -> keras.Model:
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([layers.Input((5,)), layers.Dense(3, activation="softmax")])
+
+
+@pytest.mark.parametrize(
+    ("labels", "loss"),
+    [
+        (LABELS, "sparse_categorical_crossentropy"),
+        (LABELS[:, None].astype("float32"), "sparse_categorical_crossentropy"),  # a trailing axis of 1, floats
+        (np.eye(3, dtype="float32")[LABELS], "categorical_crossentropy"),  # one-hot: the argmax is the class
+    ],
+    ids=["sparse", "column", "one-hot"],
+)
+def test_class_weight_with_a_dataset_matches_fit(labels, loss):
+    """Keras weighs a tf.data.Dataset's examples by class too; it was a DataError. Validation stays unweighted."""
+    data = tf.data.Dataset.from_tensor_slices((X, labels)).batch(16)
+    validation = tf.data.Dataset.from_tensor_slices((X[:24], labels[:24])).batch(8)
+    kwargs = {"loss": loss, "metrics": ["accuracy"], "weighted_metrics": ["accuracy"]}
+    model = _classifier()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), **kwargs)
+    args = {"epochs": 2, "class_weight": CLASS_WEIGHT, "validation_data": validation}
+    theirs = twin.fit(data, verbose=0, **args).history
+    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.1), **kwargs).fit(data, progress=False, **args).history
+    keys = ["loss", "accuracy", "weighted_accuracy", "val_loss", "val_accuracy", "val_weighted_accuracy"]
+    assert_history_close(ours, theirs, {k: k for k in keys})
+    assert ours["weighted_accuracy"] != pytest.approx(ours["accuracy"])  # the weights did apply
+    assert_weights_close(model, twin)
+
+
+def test_class_weight_with_a_pydataset_matches_fit():
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return X[i * 16 : (i + 1) * 16], LABELS[i * 16 : (i + 1) * 16]
+
+    model = _classifier()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    args = {"epochs": 2, "class_weight": CLASS_WEIGHT, "shuffle": False}
+    theirs = twin.fit(Batches(), verbose=0, **args).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    assert_history_close(trainer.fit(Batches(), progress=False, **args).history, theirs, {"loss": "loss"})
+    assert_weights_close(model, twin)
+
+
+def test_class_weight_on_a_dataset_in_tapeloops_form_weighs_a_missing_class_1():
+    """``(x, {name: y})`` elements are weighed as ``(x, y)``; a class missing from class_weight weighs 1, as with
+    arrays (Keras' dataset path fails on it), i.e. as explicit NumPy sample weights."""
+    partial = {1: 3.0}
+    weights = np.where(LABELS == 1, 3.0, 1.0).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((X, {"output": LABELS})).batch(16)
+    runs = [
+        ((dataset,), {"class_weight": partial}),
+        ((X, LABELS), {"sample_weight": weights, "batch_size": 16, "shuffle": False}),
+    ]
+    histories = []
+    for args, kwargs in runs:
+        trainer = Trainer(_classifier(), optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        histories.append(trainer.fit(*args, epochs=2, progress=False, **kwargs).history["loss"])
+    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("element", "class_weight", "message"),
+    [
+        ((X, LABELS, np.ones(64, "float32")), CLASS_WEIGHT, "class_weight and sample_weight exclude each other"),
+        ((X, LABELS), {"a": 1.0}, "class_weight keys must be class indices (ints >= 0); got 'a'"),
+        ((X, LABELS), {0: "high"}, "class_weight values must be numbers; those of classes 0 are not"),
+        ((X,), CLASS_WEIGHT, "class_weight needs targets"),
+    ],
+)
+def test_class_weight_with_a_dataset_errors(element, class_weight, message):
+    data = tf.data.Dataset.from_tensor_slices(element).batch(16)
+    trainer = Trainer(_classifier(), loss="sparse_categorical_crossentropy")
+    with pytest.raises(DataError, match=re.escape(message)):
+        trainer.fit(data, class_weight=class_weight, progress=False)
+    assert trainer.global_step == 0
