@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
+from losses.distributed import replica_share
+
 __all__ = [
     "SAMPLE_WEIGHT",
     "PerOutputLoss",
@@ -127,6 +129,13 @@ class PerOutputLoss:
             if loss.lower() not in ("crossentropy", "ce"):
                 self._loss = self._from_name(loss)
         elif isinstance(loss, keras.losses.Loss):
+            if loss.reduction in (None, "none"):
+                raise ValueError(
+                    f"The loss for output {output!r}, {type(loss).__name__}(reduction={loss.reduction!r}), returns one "
+                    "value per example. Model.fit would log their mean but differentiate their sum (it trains as "
+                    "reduction='sum'); tapeloop trains what it logs: give reduction='sum_over_batch_size' (the mean, "
+                    "Keras' default) or 'sum'."
+                )
             self._loss = loss
         elif callable(loss):
             self._loss = FunctionLoss(loss, name=self.name)
@@ -194,6 +203,11 @@ class PerOutputLoss:
         self._check_shapes(loss, y_true, y_pred)
         weight = self._sample_weight(targets)
         value = loss(y_true, y_pred, sample_weight=weight)
+        if getattr(loss, "reduction", None) == "sum":
+            # A sum over this replica's examples; the step scales each replica's value by b/B and adds them, so
+            # b/B is undone here: the global batch's sum, as Model.fit under a strategy (and on one device).
+            share = tf.cast(replica_share(tf.shape(y_pred)[0]), value.dtype)
+            return tf.math.divide_no_nan(value, share)
         if getattr(loss, "reduction", None) in _KERAS_SCALED:
             # Keras divides mean-reduced losses by the strategy's replica count itself (losses/loss.py,
             # scale_loss_for_distribution); undone here so the value is the plain mean over this replica's share

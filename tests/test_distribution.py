@@ -137,6 +137,40 @@ def test_keras_loss_objects_are_not_scaled_twice():
     assert h2["regression_output"][0] == pytest.approx(h1["regression_output"][0], rel=1e-5)
 
 
+@pytest.mark.parametrize("n", [87, 81], ids=["split-4-3", "one-replica-empty"])
+def test_a_sum_reduced_keras_loss_is_the_global_batchs_sum(n):
+    """``reduction="sum"``: each replica's sum was scaled by b/B like a mean, so 2 replicas trained and logged about
+    half the one-device sum (14.23 against 23.29 in the first epoch)."""
+
+    def loss_fn():
+        probe = Recorder(lambda outputs, targets: 0.0 * tf.reduce_mean(outputs["regression_output"]))
+        return {"regression_output": keras.losses.MeanSquaredError(reduction="sum"), "probe": probe}
+
+    slow = lambda: keras.optimizers.SGD(0.001)  # noqa: E731  (a sum over 16 examples: 16x the mean's gradient)
+    _compare(helpers.example1, loss_fn, helpers.example1_data(n), recorded=lambda loss: loss["probe"], optimizer=slow)
+
+
+def test_a_sum_reduced_keras_loss_matches_fit_under_the_same_strategy():
+    x, y = helpers.example1_data(64)
+    loss = {
+        "regression_output": keras.losses.MeanSquaredError(reduction="sum"),
+        "classification_output": keras.losses.CategoricalCrossentropy(reduction="sum"),
+    }
+    args = {"batch_size": 16, "epochs": 2, "shuffle": False}
+    with mirrored().scope():
+        keras.utils.set_random_seed(0)
+        reference = helpers.example1()
+        reference.compile(optimizer=keras.optimizers.SGD(0.002), loss=loss)
+        keras.utils.set_random_seed(0)
+        model = helpers.example1()
+        trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.002), loss=loss, strategy=mirrored())
+    theirs = reference.fit(x, y, verbose=0, **args).history
+    ours = trainer.fit(x, y, progress=False, **args).history
+    np.testing.assert_allclose(ours["loss"], theirs["loss"], rtol=1e-5)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def two_output_loss(outputs, targets):
     mse = tf.reduce_mean(tf.square(outputs["regression_output"] - targets["regression_output"]))
     ce = tf.reduce_mean(

@@ -143,3 +143,22 @@ def test_class_weight_with_a_dataset_errors(element, class_weight, message):
     with pytest.raises(DataError, match=re.escape(message)):
         trainer.fit(data, class_weight=class_weight, progress=False)
     assert trainer.global_step == 0
+
+
+def test_a_keras_loss_without_reduction_is_refused_because_fit_trains_its_sum_but_logs_its_mean():
+    """Pinned difference: ``Model.fit`` with ``MeanSquaredError(reduction="none")`` updates exactly as with
+    ``reduction="sum"`` but logs the mean; tapeloop refuses it (in the constructor) and names both choices."""
+    x, y = X, X[:, :1] * 2
+    trained = {}
+    for reduction in ("none", "sum"):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([layers.Input((5,)), layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.005), loss=keras.losses.MeanSquaredError(reduction=reduction))
+        history = model.fit(x, y, batch_size=16, shuffle=False, verbose=0).history
+        trained[reduction] = model.get_weights(), history["loss"][0]
+    for a, b in zip(trained["none"][0], trained["sum"][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert trained["none"][1] == pytest.approx(trained["sum"][1] / 16, rel=1e-5)  # logged: the mean of 16
+    for reduction in ("none", None):
+        with pytest.raises(ValueError, match=r"Model.fit would log their mean but differentiate their sum.*'sum'"):
+            Trainer(_classifier(), loss=keras.losses.MeanSquaredError(reduction=reduction))
