@@ -181,9 +181,12 @@ def test_unknown_loss_weight_key_lists_names_and_components():
     )
 
 
-def test_top_level_keras_loss_on_a_multi_output_model_asks_for_a_dict():
-    trainer = Trainer(helpers.example1(), loss="mse")
-    _fails_before_update(trainer, ValueError, "the model has 2 outputs", helpers.example1_data(8))
+def test_top_level_keras_loss_on_an_output_with_a_reserved_name_is_named():
+    inp = keras.layers.Input((2,))
+    model = keras.Model(inp, {"loss": keras.layers.Dense(1)(inp), "b": keras.layers.Dense(1)(inp)})
+    data = (np.ones((8, 2), "float32"), {"loss": np.ones((8, 1), "float32"), "b": np.ones((8, 1), "float32")})
+    message = "`loss='mse'` applies to every output, and outputs 'loss' have a reserved key"
+    _fails_before_update(Trainer(model, loss="mse"), ValueError, message, data)
 
 
 def test_loss_returning_a_vector_is_named():

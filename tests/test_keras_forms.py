@@ -162,3 +162,35 @@ def test_a_keras_loss_without_reduction_is_refused_because_fit_trains_its_sum_bu
     for reduction in ("none", None):
         with pytest.raises(ValueError, match=r"Model.fit would log their mean but differentiate their sum.*'sum'"):
             Trainer(_classifier(), loss=keras.losses.MeanSquaredError(reduction=reduction))
+
+
+def test_one_keras_loss_for_a_model_with_several_outputs_applies_to_each_as_fit():
+    """``compile(loss="mse")`` on a two-output model is the loss on every output (Keras logs ``<output>_loss``);
+    tapeloop asked for a dict."""
+    x, y = helpers.example1_data(32)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    keys = {k: f"{k}_loss" for k in ("regression_output", "classification_output")}
+    assert_history_close(ours, theirs, {"loss": "loss", **keys})
+    assert_weights_close(model, twin)
+
+
+def test_loss_weights_by_output_with_one_keras_loss_weigh_that_output_where_fit_scales_the_total():
+    """Pinned difference: with one loss for two outputs, Keras 3.15 reads ``loss_weights={"classification_output":
+    0.5}`` as one weight and scales the whole total by it; tapeloop weighs that output's component, as the key says."""
+    x, y = helpers.example1_data(32)
+    weights = {"classification_output": 0.5}
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", loss_weights=weights)
+    theirs = twin.fit(x, y, batch_size=32, shuffle=False, verbose=0).history
+    parts = theirs["regression_output_loss"][0], theirs["classification_output_loss"][0]
+    assert theirs["loss"][0] == pytest.approx(0.5 * (parts[0] + parts[1]), rel=1e-5)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", loss_weights=weights)
+    ours = trainer.fit(x, y, batch_size=32, shuffle=False, progress=False).history
+    assert ours["regression_output"][0] == pytest.approx(parts[0], rel=1e-5)  # one batch: the same start
+    assert ours["loss"][0] == pytest.approx(parts[0] + 0.5 * parts[1], rel=1e-5)

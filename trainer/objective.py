@@ -39,8 +39,8 @@ class Objective:
 
     Args:
         loss: one loss callable, or a dict ``{name: loss}``. In the dict a ``str`` or ``keras.losses.Loss`` value is
-            a Keras per-output loss on the output (and target) named by its key. At the top level, a Keras loss is
-            allowed for a single-output model.
+            a Keras per-output loss on the output (and target) named by its key. At the top level, a Keras loss
+            applies to the single output, or to each of several (a component per output, as ``compile``).
         loss_weights: ``{key: float}`` where key is a loss name (scales all its components) or a full component key.
     """
 
@@ -116,16 +116,21 @@ class Objective:
         return list(found.values())
 
     def bind_outputs(self, output_names: list[str]) -> None:
-        """Bind a top-level Keras loss to the model's single output (Keras would guess; tapeloop asks)."""
+        """Bind a top-level Keras loss to the model's outputs: its single output, or each of several (as Keras
+        applies ``compile(loss="mse")`` to every output: a component per output, keyed by its name)."""
         if self._top_level_keras is None or self._entries:
             return
-        if len(output_names) != 1:
+        if len(output_names) == 1:
+            self._entries[None] = per_output(self._top_level_keras, output=output_names[0])
+            return
+        reserved = sorted(set(output_names) & {TOTAL, REGULARIZATION})
+        if reserved:
             raise ValueError(
-                f"`loss={self._top_level_keras!r}` is a per-output Keras loss but the model has "
-                f"{len(output_names)} outputs ({names(output_names)}); give one per output, e.g. "
-                f"loss={{{', '.join(f'{n!r}: ...' for n in output_names)}}}."
+                f"`loss={self._top_level_keras!r}` applies to every output, and outputs {names(reserved)} have a "
+                "reserved key (the weighted total / model.losses): rename them."
             )
-        self._entries[None] = per_output(self._top_level_keras, output=output_names[0])
+        for name in output_names:
+            self._entries[name] = per_output(self._top_level_keras, output=name)
 
     def components(
         self,
