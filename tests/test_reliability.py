@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -145,7 +146,9 @@ def test_crash_mid_epoch_then_fit_again_resumes_exactly(dataset, tmp_path):
     # depends on the global seed, so that run resumes with the same one (as a rerun with the same --seed does).
     resumed = helpers.small_model(seed=1)
     global_seed = 5 if dataset is True else 6
-    trainer, history = _fit(resumed, tmp_path / "run", dataset=dataset, checkpoint_every=4, global_seed=global_seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the same data: no warning that it changed
+        trainer, history = _fit(resumed, tmp_path / "run", dataset=dataset, checkpoint_every=4, global_seed=global_seed)
     assert trainer.global_step == 24
     assert all(np.array_equal(a, b) for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True))
     assert history.history == ref_history.history
@@ -203,6 +206,19 @@ def test_a_users_callback_gets_its_state_back_through_state_dict(tmp_path):
     _, history = _fit(helpers.small_model(), tmp_path, callbacks=lambda: [resumed], checkpoint_every=4)
     assert resumed.epochs_seen == 3
     np.testing.assert_allclose(resumed.last, np.full(3, sum(history.history["loss"])), rtol=1e-6)
+
+
+def test_a_resume_mid_epoch_with_another_batch_size_warns(tmp_path):
+    """A rerun with another batch size (after an out-of-memory error, say) resumed mid-epoch at the saved step of
+    an epoch that now has other batches, silently; the resume is the user's to judge, so it warns."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(helpers.small_model(), tmp_path, crash_at=13, checkpoint_every=4)  # 8 steps per epoch; ckpt-12
+    x, y = helpers.small_data()
+    trainer = Trainer(helpers.small_model(), optimizer=keras.optimizers.Adam(0.02), loss={"output": "mse"}, seed=9)
+    message = r"saved after step 4 of epoch 2, of 8 steps per epoch; the data now gives 4 \(another batch size"
+    with pytest.warns(RuntimeWarning, match=message):
+        trainer.fit((x, y), batch_size=12, epochs=3, progress=False, checkpoint_dir=tmp_path)
+    assert trainer.global_step == 12 + 0 + 4  # epoch 2 had no step left at 4 of 4, epoch 3 ran its 4
 
 
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):

@@ -115,6 +115,7 @@ class FitLoop(BlockHooks):
             meta = {
                 "global_step": step,
                 "position": dataclasses.asdict(self.epochs.position),
+                "steps_per_epoch": self.epochs.steps,
                 "history": self.history.history,
                 "callbacks": callback_states(self.callbacks.callbacks),
             }
@@ -145,6 +146,16 @@ class FitLoop(BlockHooks):
         if meta is None:
             return None
         position = restored["position"]
+        saved_steps = meta.get("steps_per_epoch", self.epochs.steps)
+        if position.mid_epoch and saved_steps != self.epochs.steps:
+            warnings.warn(
+                f"The checkpoint was saved after step {position.epoch_steps} of epoch {position.epoch + 1}, of "
+                f"{saved_steps} steps per epoch; the data now gives {self.epochs.steps} (another batch size or "
+                "data?). Training resumes at that step, but the rest of the epoch is not what the first run would "
+                "have trained on.",
+                RuntimeWarning,
+                stacklevel=4,  # the user's fit call
+            )
         self.epochs.resume(position, restored["iterator"])
         self.runner.global_step = self._saved_step = int(meta["global_step"])
         self.history.restore(meta["history"])
