@@ -342,3 +342,22 @@ def test_a_dataset_whose_batches_change_shape_names_the_steps():
         trainer.fit(data, progress=False)
     with pytest.raises(StepError, match=r"Prediction failed at batch 3 \(one compiled block\) with InvalidArgument"):
         trainer.predict(data.map(lambda x, y: x))
+
+
+def test_infinite_data_without_a_step_count_is_named_for_every_use():
+    """fit refused infinite training data without steps_per_epoch, but validated, evaluated and predicted on an
+    infinite dataset forever (Model.fit does too)."""
+    x, y = helpers.small_data()
+    endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    trainer = Trainer(helpers.small_model(), loss={"output": "mse"})
+    for use, kwargs in [("training", {}), ("validation", {"steps_per_epoch": 2, "validation_data": endless})]:
+        option = "validation_steps" if kwargs else "steps_per_epoch"
+        message = rf"{use} data is infinite \(repeat\(\) without a count\); pass {option}\."
+        _fails_before_update(trainer, DataError, message, endless, **kwargs)
+    with pytest.raises(DataError, match=r"evaluation data is infinite .*; pass steps\."):
+        trainer.evaluate(endless)
+    with pytest.raises(DataError, match=r"prediction data is infinite .*; pass steps\."):
+        trainer.predict(endless)
+    first_two = (x[:16], {"output": y["output"][:16]})
+    assert trainer.evaluate(endless, steps=2)["loss"] == pytest.approx(trainer.evaluate(first_two)["loss"], rel=1e-6)
+    assert len(trainer.predict(endless, steps=3)["output"]) == 24

@@ -101,6 +101,12 @@ class Data:
         self.steps = -(-self.num_examples // batch_size)
         self.infinite = False
 
+    def check_finite(self, steps: int | None, option: str) -> None:
+        """An infinite dataset (``repeat()`` without a count) needs a number of steps: a DataError naming the option
+        (Keras would loop forever, e.g. validating on an infinite dataset without ``validation_steps``)."""
+        if self.infinite and steps is None:
+            raise DataError(f"{self.what} is infinite (repeat() without a count); pass {option}.")
+
     def _check_dataset(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         spec = dataset.element_spec
         if not self.with_targets:  # the inputs: x of (x, targets) and of Keras' (x,), (x, y), (x, y, sample_weight)

@@ -26,7 +26,9 @@ def prediction_data(data: Any, batch_size: int | None, steps: int | None, verbos
     elements' targets (Keras' ``(x, y)``, ``(x, y, sample_weight)``, or ``(x, targets)``) are dropped. ``verbose``
     takes Keras' values; predict prints nothing."""
     what, steps, _ = "prediction data", optional(positive_int, "steps", steps), choice("verbose", verbose, VERBOSE)
-    dataset = Data(python_source(data, what), what=what, batch_size=batch_size, with_targets=False).dataset()
+    source = Data(python_source(data, what), what=what, batch_size=batch_size, with_targets=False)
+    source.check_finite(steps, "steps")
+    dataset = source.dataset()
     return dataset if steps is None else dataset.take(steps)
 
 

@@ -25,7 +25,7 @@ from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
 from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
-from trainer.errors import DataError, names, naming
+from trainer.errors import names, naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
@@ -325,8 +325,9 @@ class Trainer:
             seed=self.seed,
             output_names=self._output_names,
         )
-        if data.infinite and steps_per_epoch is None:
-            raise DataError("training data is infinite (repeat() without a count); pass steps_per_epoch.")
+        data.check_finite(steps_per_epoch, "steps_per_epoch")
+        if val is not None:
+            val.check_finite(validation_steps, "validation_steps")
         if self._runner is None:
             self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
         check_same_variables(self._runner.steps.math.variables, self.trainable_variables)
@@ -388,6 +389,7 @@ class Trainer:
         verbose = choice("verbose", verbose, VERBOSE)
         source = keras_source(x, y, sample_weight, what="evaluation data", output_names=self._output_names)
         data = Data(source, what="evaluation data", batch_size=batch_size)
+        data.check_finite(steps, "steps")
         if self._runner is None:
             self._build(data.first_batch())
         budget, exact = eval_budget(data, optional(positive_int, "steps", steps))
