@@ -319,3 +319,21 @@ def test_ema_optimizer_ends_with_the_averaged_weights_as_fit_does():
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05, use_ema=True), loss=losses)
     trainer.fit((x, y), batch_size=16, epochs=3, shuffle=False, progress=False)
     assert_weights_close(model, twin)
+
+
+class _TestSetEvaluation(keras.callbacks.Callback):
+    """A user's callback as people write them: evaluate on a held-out set at each epoch's end, log the result."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["test_loss"] = self.model.evaluate(*VAL, batch_size=8, verbose=0)
+
+
+def test_a_callback_calling_self_model_evaluate_gets_the_trainers_as_fit_gives_its_own():
+    """``self.model.evaluate`` in a callback was Keras' "You must call `compile()` before using the model"."""
+    model, trainer, twin = _pair()
+    args = {"batch_size": 8, "shuffle": False, "epochs": 2}
+    theirs = twin.fit(*TRAIN, callbacks=[_TestSetEvaluation()], verbose=0, **args).history
+    ours = trainer.fit(*TRAIN, callbacks=[_TestSetEvaluation()], progress=False, **args).history
+    assert_history_close(ours, theirs, {"loss": "loss", "test_loss": "test_loss"})
+    assert_weights_close(model, twin)
+    assert "evaluate" not in vars(model)  # the model's own method again after fit

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import keras
@@ -61,13 +61,36 @@ class _ModelStandIn:
         self.stop_training = False
 
 
-def callback_model(model: Any, optimizer: keras.optimizers.Optimizer) -> Any:
-    """The object callbacks get as ``self.model``: the Keras model itself, wired as ``Model.fit`` would wire it."""
+def callback_model(model: Any, optimizer: keras.optimizers.Optimizer, evaluate: Callable | None = None) -> Any:
+    """The object callbacks get as ``self.model``: the Keras model itself, wired as ``Model.fit`` would wire it.
+
+    ``evaluate`` (the Trainer's) answers a callback's ``self.model.evaluate(x, y)`` with Keras' signature and
+    defaults (a scalar or a list): the model's own would fail, it is not compiled. :meth:`CallbackList.teardown`
+    takes it away again.
+    """
     if isinstance(model, keras.Model):
         model.optimizer = optimizer
         model.stop_training = False
+        if evaluate is not None and not getattr(model, "compiled", False):
+            model.evaluate = _KerasEvaluate(evaluate)
         return model
-    return _ModelStandIn(model, optimizer)
+    stand_in = _ModelStandIn(model, optimizer)
+    if evaluate is not None:
+        stand_in.evaluate = _KerasEvaluate(evaluate)
+    return stand_in
+
+
+class _KerasEvaluate:
+    """``Model.evaluate``'s signature and defaults over ``Trainer.evaluate``."""
+
+    def __init__(self, evaluate: Callable) -> None:
+        self._evaluate = evaluate
+
+    def __call__(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: int | str = "auto",
+                 sample_weight: Any = None, steps: int | None = None, callbacks: Any = None,
+                 return_dict: bool = False) -> Any:  # fmt: skip
+        return self._evaluate(x, y, batch_size=batch_size, verbose=verbose, sample_weight=sample_weight, steps=steps,
+                              callbacks=callbacks or (), return_dict=return_dict)  # fmt: skip
 
 
 def as_callbacks(callbacks: Any, checkpoint_dir: Any = None) -> list[keras.callbacks.Callback]:
@@ -176,7 +199,10 @@ class CallbackList:
         return dispatch
 
     def teardown(self) -> None:
-        """Always runs (from ``finally``): close progress bars and writers even when a step raised."""
+        """Always runs (from ``finally``): close progress bars and writers even when a step raised; the model's own
+        ``evaluate`` back (see :func:`callback_model`)."""
+        if isinstance(getattr(self.model, "evaluate", None), _KerasEvaluate):
+            del self.model.evaluate
         for callback in self.callbacks:
             teardown = getattr(callback, "teardown", None)
             if teardown is not None:

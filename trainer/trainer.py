@@ -347,7 +347,7 @@ class Trainer:
             warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
         level = (1 if progress else 0) if verbose == "auto" else verbose
         params = {"epochs": epochs, "steps": epochs_runner.steps, "verbose": level}
-        model = callback_model(self.model, self.optimizer)  # what callbacks see as `self.model`
+        model = callback_model(self.model, self.optimizer, self.evaluate)  # what callbacks see as `self.model`
         writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
         callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
