@@ -194,3 +194,59 @@ def test_loss_weights_by_output_with_one_keras_loss_weigh_that_output_where_fit_
     ours = trainer.fit(x, y, batch_size=32, shuffle=False, progress=False).history
     assert ours["regression_output"][0] == pytest.approx(parts[0], rel=1e-5)  # one batch: the same start
     assert ours["loss"][0] == pytest.approx(parts[0] + 0.5 * parts[1], rel=1e-5)
+
+
+def _two_heads_by_dict():
+    keras.utils.set_random_seed(0)
+    inp = layers.Input((100,))
+    hidden = layers.Dense(4)(inp)
+    return keras.Model(
+        inp, {"zeta": layers.Dense(1, name="zeta")(hidden), "alpha": layers.Dense(3, name="alpha")(hidden)}
+    )
+
+
+def _one_head():
+    keras.utils.set_random_seed(0)
+    inp = layers.Input((100,))
+    return keras.Model(inp, layers.Dense(1)(layers.Dense(4)(inp)))
+
+
+_X1, _Y1 = helpers.example1_data(32)
+_W = np.linspace(0.5, 1.5, 32)
+_HEADS = ("regression_output", "classification_output")
+_EVALUATE_CASES = {
+    "two outputs": (
+        helpers.example1,
+        {"loss": {"classification_output": "categorical_crossentropy", "regression_output": "mse"},
+         "metrics": {"regression_output": ["mse", "mae"], "classification_output": ["accuracy"]},
+         "weighted_metrics": {"classification_output": ["accuracy"], "regression_output": ["mae"]}},
+        [_Y1[k] for k in _HEADS], [_W, _W],
+    ),
+    "dict outputs": (
+        _two_heads_by_dict,
+        {"loss": {"zeta": "mse", "alpha": "mae"}, "metrics": {"zeta": ["mae"], "alpha": ["mse"]}},
+        {"zeta": _Y1["regression_output"], "alpha": _Y1["classification_output"]}, None,
+    ),
+    "one output": (
+        _one_head,
+        {"loss": "mse", "metrics": ["mse", "mae"], "weighted_metrics": ["mae", "mape"]},
+        _Y1["regression_output"], _W,
+    ),
+    "loss alone": (_one_head, {"loss": "mse"}, _Y1["regression_output"], None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_EVALUATE_CASES))
+def test_evaluates_list_is_in_evaluates_order(case):
+    """``evaluate(return_dict=False)`` followed the logging order; Keras lists ``loss``, each output's loss in the
+    model's order, then the rest sorted by name (its metrics' order, not compile's), so unpacking it gave other
+    values (and with a metric in both lists, Keras lists that name twice: reproduced)."""
+    build, kwargs, y, weights = _EVALUATE_CASES[case]
+    model = build()
+    twin = helpers.clone(model)
+    twin.compile(optimizer="sgd", **kwargs)
+    theirs = twin.evaluate(_X1, y, sample_weight=weights, verbose=0)
+    ours_weights = dict(zip(_HEADS, weights, strict=True)) if isinstance(weights, list) else weights
+    ours = Trainer(model, optimizer="sgd", **kwargs).evaluate(_X1, y, sample_weight=ours_weights, return_dict=False)
+    assert type(ours) is type(theirs) and np.shape(ours) == np.shape(theirs)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)

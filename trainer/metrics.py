@@ -19,7 +19,7 @@ from losses.adapters import binary_or_sparse, display_name, sample_weight_of
 from trainer.errors import names
 from trainer.structure import KeyedView, call_reader
 
-__all__ = ["MetricSpec"]
+__all__ = ["MetricSpec", "keras_list"]
 
 
 def _metric_names() -> list[str]:
@@ -71,6 +71,8 @@ class MetricSpec:
         self._weighted_keys: set[str] = set()
         self._unbound: dict[str, list[object]] = {}  # Keras-style lists, for the model's single output
         self._plain = False  # keys without the output prefix (the list form)
+        self.keras_names: dict[str, str] = {}  # logged key -> Keras' log name (set by build)
+        self.keras_listed: list[str] = []  # the names Model.evaluate lists first (its CompileMetrics' metrics)
         self._parse("metrics", metrics, self.per_output)
         self._parse("weighted_metrics", weighted_metrics, self.weighted)
 
@@ -138,6 +140,8 @@ class MetricSpec:
     ) -> dict[str, keras.metrics.Metric]:
         """Fresh Keras metric objects keyed ``output/name``, resolved from the shapes of outputs and targets."""
         built: dict[str, keras.metrics.Metric] = {}
+        single = len(outputs) == 1  # Keras prefixes metric names with the output's only with several outputs
+        self.keras_listed = []
         for weighted, group in ((False, self.per_output), (True, self.weighted)):
             for output, entries in group.items():
                 reader = f"{'weighted_' * weighted}metrics[{output!r}]"
@@ -146,8 +150,12 @@ class MetricSpec:
                 for entry in entries:
                     name = display_name(entry)
                     key = name if self._plain else f"{output}/{name}"
-                    if key in built:  # as Keras names a weighted metric that has an unweighted twin
+                    twin = key in built  # as Keras names a weighted metric that has an unweighted twin
+                    if twin:
                         key = f"weighted_{name}" if self._plain else f"{output}/weighted_{name}"
+                    short = f"weighted_{name}" if twin else name
+                    self.keras_names[key] = short if single else f"{output}_{short}"
+                    self.keras_listed.append(name)
                     built[key] = _resolve(entry, y_true, y_pred, output)
                     self._output_of[key] = output
                     if weighted:
@@ -175,3 +183,13 @@ class MetricSpec:
             value = call_reader(fn, outputs, targets, reader=f"metric {name!r}", hint=output_hint)
             found.update(components(name, value, kind="metric"))
         return found
+
+
+def keras_list(logs: Mapping[str, float], listed: Sequence[str], keras_names: Mapping[str, str]) -> float | list[float]:
+    """``Model.evaluate(return_dict=False)``'s list, by Keras' rule (``Trainer._flatten_metrics_in_order``): the
+    values named in ``listed`` in that order (a name may come twice, as in Keras), then every other value sorted by
+    name. Names are Keras' (``keras_names``: logged key -> Keras' name; other keys keep theirs). One value alone."""
+    named = {keras_names.get(key, key): value for key, value in logs.items()}
+    values = [named[name] for name in listed if name in named]
+    values += [named[name] for name in sorted(named) if name not in listed]
+    return values[0] if len(values) == 1 else values

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from losses import LossProtocolError, components, per_output
+from losses.adapters import PerOutputLoss
 from losses.protocol import describe
 from trainer.errors import names
 from trainer.structure import call_reader
@@ -47,6 +48,7 @@ class Objective:
     def __init__(self, loss: object, loss_weights: Mapping[str, float] | None = None) -> None:
         self._entries: dict[str | None, Callable] = {}
         self._top_level_keras: object = None
+        self._outputs: list[str] = []  # the model's output names, in its order (bind_outputs)
         if loss is None:
             raise ValueError("`loss` is required: a callable loss(outputs, targets), or a dict {name: loss}.")
         if isinstance(loss, Mapping):
@@ -115,9 +117,20 @@ class Objective:
                 found.setdefault(id(var), var)
         return list(found.values())
 
+    def keras_names(self) -> dict[str, str]:
+        """Keras' log names of the components that are Keras per-output losses of a model with several outputs
+        (``<output>_loss``), in the model's output order: what ``Model.evaluate`` lists right after ``loss``."""
+        if len(self._outputs) < 2:
+            return {}
+        per_output = {
+            name: fn.output for name, fn in self._entries.items() if isinstance(fn, PerOutputLoss) and name == fn.output
+        }
+        return {name: f"{name}_loss" for name in self._outputs if name in per_output}
+
     def bind_outputs(self, output_names: list[str]) -> None:
         """Bind a top-level Keras loss to the model's outputs: its single output, or each of several (as Keras
         applies ``compile(loss="mse")`` to every output: a component per output, keyed by its name)."""
+        self._outputs = list(output_names)
         if self._top_level_keras is None or self._entries:
             return
         if len(output_names) == 1:

@@ -28,9 +28,9 @@ from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
 from trainer.errors import names, naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
-from trainer.metrics import MetricSpec
+from trainer.metrics import MetricSpec, keras_list
 from trainer.model import ModelCall, check_own_training
-from trainer.objective import Objective
+from trainer.objective import TOTAL, Objective
 from trainer.options import (
     AUTO,
     NAN_POLICIES,
@@ -381,10 +381,10 @@ class Trainer:
     ) -> dict[str, float] | list[float] | float:
         """Loss components and metrics over the data (``fit``'s forms, or Keras' ``x, y, sample_weight``).
 
-        Returns ``{key: float}``, batch-weighted means. ``return_dict=False`` gives Keras' list (``loss`` first,
-        then every other key in logging order; a single value alone). Unlike Keras, ``return_dict`` defaults to
-        True. ``steps`` evaluates the first ``steps`` batches only. ``verbose`` 1, 2 or "auto" print the results on
-        one line; unlike Keras, the default is 0 (nothing).
+        Returns ``{key: float}``, batch-weighted means; unlike Keras, ``return_dict`` defaults to True. False gives
+        ``Model.evaluate``'s list in its order (``loss``, each output's Keras loss, then the rest sorted by Keras'
+        names; one value alone). ``steps`` evaluates the first ``steps`` batches only. ``verbose`` 1, 2 or "auto"
+        print the results on one line; unlike Keras, the default is 0 (nothing).
         """
         verbose = choice("verbose", verbose, VERBOSE)
         source = keras_source(x, y, sample_weight, what="evaluation data", output_names=self._output_names)
@@ -398,8 +398,11 @@ class Trainer:
         logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
         if verbose != 0:
             print(format_scalars(logs), flush=True)
-        values = list(logs.values())  # Keras' list: a single value alone
-        return logs if return_dict else values[0] if len(values) == 1 else values
+        if return_dict:
+            return logs
+        losses = self._objective.keras_names()  # Model.evaluate's order: loss, each output's loss, its metrics...
+        listed = [TOTAL, *self._metrics.keras_listed, *losses.values()]
+        return keras_list(logs, listed, {**self._metrics.keras_names, **losses})
 
     def predict(
         self, data: Any, *, batch_size: int | None = None, steps: int | None = None, verbose: int | str = 0
