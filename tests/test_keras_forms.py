@@ -250,3 +250,20 @@ def test_evaluates_list_is_in_evaluates_order(case):
     ours = Trainer(model, optimizer="sgd", **kwargs).evaluate(_X1, y, sample_weight=ours_weights, return_dict=False)
     assert type(ours) is type(theirs) and np.shape(ours) == np.shape(theirs)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_zero_epochs_train_nothing_as_fit():
+    """``fit(epochs=0)`` (a sweep's empty setting) was a ValueError; Keras returns an empty history."""
+    model = _one_head()
+    before = model.get_weights()
+    twin = helpers.clone(model)
+    twin.compile(optimizer="sgd", loss="mse")
+    theirs = twin.fit(_X1, _Y1["regression_output"], epochs=0, verbose=0)
+    trainer = Trainer(model, optimizer="sgd", loss="mse")
+    ours = trainer.fit(_X1, _Y1["regression_output"], epochs=0, progress=False)
+    assert (ours.history, ours.epoch) == (theirs.history, theirs.epoch) == ({}, [])
+    assert trainer.global_step == 0
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="`epochs` must be a non-negative int, got -1"):
+        trainer.fit(_X1, _Y1["regression_output"], epochs=-1, progress=False)

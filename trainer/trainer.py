@@ -302,7 +302,7 @@ class Trainer:
             NonFiniteLossError: a loss component became NaN/inf (that step's update is not applied).
             TrainingInterrupted: SIGTERM/SIGINT arrived (with ``checkpoint_dir``); the run can be resumed.
         """
-        epochs = positive_int("epochs", epochs)
+        epochs = non_negative_int("epochs", epochs)  # 0 trains nothing, as Keras
         initial_epoch = non_negative_int("initial_epoch", initial_epoch)
         steps_per_epoch = optional(positive_int, "steps_per_epoch", steps_per_epoch)
         validation_steps = optional(positive_int, "validation_steps", validation_steps)
