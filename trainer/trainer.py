@@ -64,7 +64,8 @@ class Trainer:
             list/tuple is keyed by ``model.output_names``; a single tensor is keyed ``"output"``.
         optimizer: a Keras optimizer or its name. Pass ``clipnorm``/``global_clipnorm``/``weight_decay`` there.
         loss: one loss callable ``loss(outputs, targets) -> scalar | {name: scalar}``, or a dict ``{name: loss}``
-            (in it a ``str`` or ``keras.losses.Loss`` is a Keras loss on the output of that name), or compile's list.
+            (in it a ``str`` or ``keras.losses.Loss`` is a Keras loss on the output of that name), compile's list,
+            or one Keras loss (on the model's output, or on each of its outputs, as ``compile``).
         loss_weights: ``{key: float}``, key a loss name or a full component key (see ``loss_weights``), or a list.
         metrics: ``{output: [str | Metric]}`` and/or ``{name: callable(outputs, targets)}``, or compile's lists.
         weighted_metrics: as Keras': Keras metrics (``metrics``' first form) updated with the sample weights.
