@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
+from losses.protocol import check_number
 from losses.qp import divisor, dual_cone_weights, simplex_weights
 from losses.weighting import DWA, GradNorm, LossWeighting
 
@@ -197,7 +198,7 @@ class PCGrad(Aggregator):
     random = True
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
+        self.seed = check_number("PCGrad's seed", seed, integer=True)
 
     def weights(self, gramian, seed=None):
         gramian = tf.cast(gramian, tf.float64)
@@ -268,9 +269,7 @@ class CAGrad(Aggregator):
     name = "cagrad"
 
     def __init__(self, c: float = 0.5) -> None:
-        if not c >= 0:
-            raise ValueError(f"CAGrad's c must be >= 0, got {c!r}.")
-        self.c = float(c)
+        self.c = check_number("CAGrad's c", c, at_least=0)
 
     def weights(self, gramian, seed=None):
         gramian = tf.cast(gramian, tf.float64)

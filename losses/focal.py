@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from losses.protocol import check_number
+
 __all__ = ["SparseFocalLoss", "sparse_focal_loss"]
 
 
@@ -28,10 +30,17 @@ def sparse_focal_loss(
 class SparseFocalLoss(keras.losses.Loss):
     """Keras ``Loss`` form (mean over examples) for ``per_output``/``compile``: labels ``(B,)``, logits ``(B, C)``."""
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, name: str = "sparse_focal_loss") -> None:
-        super().__init__(name=name)
-        self.gamma = gamma
-        self.alpha = alpha
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float | None = 0.25,
+        name: str = "sparse_focal_loss",
+        reduction: str | None = "sum_over_batch_size",
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)  # Keras' own arguments: from_config passes them
+        self.gamma = check_number("SparseFocalLoss' gamma", gamma, at_least=0)
+        self.alpha = None if alpha is None else check_number("SparseFocalLoss' alpha", alpha, at_least=0, at_most=1)
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         if y_true.shape.rank == y_pred.shape.rank:  # labels with a trailing 1

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from losses.distributed import global_normalizer
 from losses.focal import sparse_focal_loss
+from losses.protocol import check_number
 
 __all__ = ["MultiBoxLoss"]
 
@@ -42,13 +43,13 @@ class MultiBoxLoss:
         focal_gamma: float | None = None,
         focal_alpha: float | None = 0.25,
     ) -> None:
-        if neg_pos_ratio < 0:
-            raise ValueError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio!r}.")
-        self.neg_pos_ratio = float(neg_pos_ratio)
+        self.neg_pos_ratio = check_number("MultiBoxLoss' neg_pos_ratio", neg_pos_ratio, at_least=0)
         self.boxes = boxes
         self.classes = classes
-        self.focal_gamma = focal_gamma
-        self.focal_alpha = focal_alpha
+        self.focal_gamma = None if focal_gamma is None else check_number("focal_gamma", focal_gamma, at_least=0)
+        self.focal_alpha = (
+            None if focal_alpha is None else check_number("focal_alpha", focal_alpha, at_least=0, at_most=1)
+        )
 
     def __call__(self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         box_pred = tf.cast(outputs[self.boxes], tf.float32)

@@ -8,6 +8,8 @@ key-naming rules of the design card, and rejects anything else with a message na
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 
 import tensorflow as tf
@@ -76,3 +78,19 @@ def components(name: str | None, value: object, *, kind: str = "loss") -> dict[s
         prefix = "" if name is None else f"{name}/"
         return {prefix + key: _scalar(where, key, part) for key, part in value.items()}
     return {"loss" if name is None else name: _scalar(where, None, value)}
+
+
+def check_number(what: str, value: object, *, at_least: float | None = None, above: float | None = None,
+                 at_most: float | None = None, integer: bool = False) -> float:  # fmt: skip
+    """A constructor argument checked: ``value`` as a float (an int with ``integer``), or a TypeError/ValueError
+    that names ``what``, the value and the allowed range."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise TypeError(f"{what} must be {'an int' if integer else 'a finite number'}, got {value!r}.")
+    if at_least is not None and value < at_least:
+        raise ValueError(f"{what} must be >= {at_least}, got {value!r}.")
+    if above is not None and value <= above:
+        raise ValueError(f"{what} must be > {above}, got {value!r}.")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{what} must be <= {at_most}, got {value!r}.")
+    return int(value) if integer else float(value)

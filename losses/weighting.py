@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
-from losses.protocol import components
+from losses.protocol import check_number, components
 
 __all__ = ["DWA", "GradNorm", "LossWeighting", "UncertaintyWeighting"]
 
@@ -129,10 +129,8 @@ class GradNorm(LossWeighting):
 
     def __init__(self, alpha: float = 1.5, learning_rate: float = 0.025) -> None:
         super().__init__(name="gradnorm")
-        if not alpha >= 0 or not learning_rate > 0:
-            raise ValueError(f"GradNorm needs alpha >= 0 and learning_rate > 0, got {alpha!r} and {learning_rate!r}.")
-        self.alpha = float(alpha)
-        self.learning_rate = float(learning_rate)
+        self.alpha = check_number("GradNorm's alpha", alpha, at_least=0)
+        self.learning_rate = check_number("GradNorm's learning_rate", learning_rate, above=0)
 
     def build(self, keys: Sequence[str]) -> None:
         super().build(keys)
@@ -170,9 +168,7 @@ class DWA(LossWeighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__(name="dwa")
-        if not temperature > 0:
-            raise ValueError(f"DWA's temperature must be > 0, got {temperature!r}.")
-        self.temperature = float(temperature)
+        self.temperature = check_number("DWA's temperature", temperature, above=0)
 
     def build(self, keys: Sequence[str]) -> None:
         super().build(keys)

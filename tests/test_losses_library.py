@@ -1,11 +1,23 @@
 """losses/: MultiBox, focal, uncertainty weighting — each against a NumPy reference written independently."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from losses import MultiBoxLoss, SparseFocalLoss, UncertaintyWeighting, per_output, sparse_focal_loss
+from losses import (
+    DWA,
+    CAGrad,
+    GradNorm,
+    MultiBoxLoss,
+    PCGrad,
+    SparseFocalLoss,
+    UncertaintyWeighting,
+    per_output,
+    sparse_focal_loss,
+)
 from trainer import MissingKeyError, Trainer
 
 
@@ -123,6 +135,34 @@ def test_focal_loss_matches_keras_categorical_focal_crossentropy(gamma, alpha):
                                                             from_logits=True)  # fmt: skip
     expected = keras_focal(np.eye(5, dtype=np.float32)[labels], logits).numpy()
     assert SparseFocalLoss(gamma=gamma, alpha=alpha)(labels, logits).numpy() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sparse_focal_loss_survives_keras_serialization():
+    """``from_config`` failed ("unexpected keyword argument 'reduction'"): a saved model or loss could not load."""
+    loss = SparseFocalLoss(gamma=3.0, alpha=None)
+    again = keras.losses.deserialize(keras.losses.serialize(loss), custom_objects={"SparseFocalLoss": SparseFocalLoss})
+    labels, logits = np.array([0, 2, 1]), np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    assert (again.gamma, again.alpha, again.reduction) == (3.0, None, "sum_over_batch_size")
+    assert again(labels, logits).numpy() == loss(labels, logits).numpy()
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "message"),
+    [
+        (lambda: SparseFocalLoss(gamma=-1), ValueError, "SparseFocalLoss' gamma must be >= 0, got -1"),
+        (lambda: SparseFocalLoss(alpha=2), ValueError, "SparseFocalLoss' alpha must be <= 1, got 2"),
+        (lambda: MultiBoxLoss("3"), TypeError, "MultiBoxLoss' neg_pos_ratio must be a finite number, got '3'"),
+        (lambda: MultiBoxLoss(focal_gamma=float("nan")), TypeError, "focal_gamma must be a finite number, got nan"),
+        (lambda: CAGrad(c="a"), TypeError, "CAGrad's c must be a finite number, got 'a'"),
+        (lambda: PCGrad(seed="x"), TypeError, "PCGrad's seed must be an int, got 'x'"),
+        (lambda: GradNorm(alpha=-1), ValueError, "GradNorm's alpha must be >= 0, got -1"),
+        (lambda: DWA(0), ValueError, "DWA's temperature must be > 0, got 0"),
+    ],
+)
+def test_constructor_arguments_are_checked_with_their_names(make, exc, message):
+    """A string or NaN where a number goes was a bare comparison or int() error, or no error at all."""
+    with pytest.raises(exc, match=re.escape(message)):
+        make()
 
 
 def test_multibox_focal_option_matches_numpy():
