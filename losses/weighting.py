@@ -46,15 +46,23 @@ class UncertaintyWeighting(tf.Module):
         name: str = "uncertainty_weighting",
     ) -> None:
         super().__init__(name=name)
+        if not isinstance(losses, Mapping) or not all(callable(fn) for fn in losses.values()):
+            raise TypeError(f"UncertaintyWeighting takes {{name: loss callable(outputs, targets)}}, got {losses!r}.")
         if not losses:
             raise ValueError("UncertaintyWeighting needs at least one loss.")
         self.losses = dict(losses)
-        self.regression = set(regression)
+        self.regression = {regression} if isinstance(regression, str) else set(regression)
         self.log_variances: dict[str, tf.Variable] = {}
         if keys is not None:
             self._create(list(keys))
 
     def _create(self, keys: list[str]) -> None:
+        unknown = sorted(self.regression - set(keys))
+        if unknown:  # a misspelt key would silently be weighed as classification (twice the regression term)
+            raise ValueError(
+                f"UncertaintyWeighting: regression names {', '.join(map(repr, unknown))}, which are not component keys;"
+                f" the keys are {', '.join(map(repr, keys))}."
+            )
         with self.name_scope:
             for key in keys:
                 self.log_variances[key] = tf.Variable(0.0, name=f"log_variance_{key.replace('/', '_')}")

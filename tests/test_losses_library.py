@@ -157,6 +157,12 @@ def test_sparse_focal_loss_survives_keras_serialization():
         (lambda: PCGrad(seed="x"), TypeError, "PCGrad's seed must be an int, got 'x'"),
         (lambda: GradNorm(alpha=-1), ValueError, "GradNorm's alpha must be >= 0, got -1"),
         (lambda: DWA(0), ValueError, "DWA's temperature must be > 0, got 0"),
+        (lambda: UncertaintyWeighting({"a": "mse"}), TypeError, "takes {name: loss callable(outputs, targets)}"),
+        (  # a misspelt key was silently weighed as classification, twice the regression term
+            lambda: UncertaintyWeighting({"a": lambda o, t: 0.0}, regression=["A"], keys=["a"]),
+            ValueError,
+            "regression names 'A', which are not component keys; the keys are 'a'",
+        ),
     ],
 )
 def test_constructor_arguments_are_checked_with_their_names(make, exc, message):
