@@ -122,10 +122,8 @@ class Objective:
         (``<output>_loss``), in the model's output order: what ``Model.evaluate`` lists right after ``loss``."""
         if len(self._outputs) < 2:
             return {}
-        per_output = {
-            name: fn.output for name, fn in self._entries.items() if isinstance(fn, PerOutputLoss) and name == fn.output
-        }
-        return {name: f"{name}_loss" for name in self._outputs if name in per_output}
+        keras_style = {n for n, fn in self._entries.items() if isinstance(fn, PerOutputLoss) and fn.output == n}
+        return {name: f"{name}_loss" for name in self._outputs if name in keras_style}
 
     def bind_outputs(self, output_names: list[str]) -> None:
         """Bind a top-level Keras loss to the model's outputs: its single output, or each of several (as Keras
