@@ -59,6 +59,36 @@ def test_accumulation_equals_keras_optimizer_accumulation_under_fit():
     assert int(trainer.optimizer.iterations) == int(theirs.optimizer.iterations) == 8
 
 
+class _Shifted(keras.optimizers.schedules.LearningRateSchedule):
+    """``schedule(k·step + k - 1)``: the rate Keras' accumulating optimizer uses at update ``step``."""
+
+    def __init__(self, schedule, k):
+        self.schedule, self.k = schedule, k
+
+    def __call__(self, step):
+        return self.schedule(self.k * step + self.k - 1)
+
+
+def test_a_learning_rate_schedule_under_accumulation_counts_updates_where_keras_counts_batches():
+    """Pinned difference: Keras' ``SGD(schedule, gradient_accumulation_steps=k)`` evaluates the schedule at the
+    batch count (its docs: "the 'real' iterations value"), so update u gets schedule(k·u + k - 1); tapeloop's
+    update u gets schedule(u), as the big batch of k·b does — the point of accumulation. Both held here."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)
+    data = helpers.example1_data(64)
+    model = helpers.example1()
+    keras_twin, big_twin, shifted = helpers.clone(model), helpers.clone(model), helpers.clone(model)
+    keras_twin.compile(optimizer=keras.optimizers.SGD(schedule, gradient_accumulation_steps=2), loss=LOSSES)
+    keras_twin.fit(*data, batch_size=8, shuffle=False, verbose=0)
+    big_twin.compile(optimizer=keras.optimizers.SGD(schedule), loss=LOSSES)
+    big_twin.fit(*data, batch_size=16, shuffle=False, verbose=0)
+    for net, rate in ((model, schedule), (shifted, _Shifted(schedule, 2))):
+        trainer = Trainer(net, optimizer=keras.optimizers.SGD(rate), loss=LOSSES, gradient_accumulation_steps=2)
+        trainer.fit(data, batch_size=8, shuffle=False, progress=False)
+    helpers.assert_weights_close(model, big_twin)  # tapeloop: one update per big batch, the schedule by updates
+    helpers.assert_weights_close(shifted, keras_twin)  # Keras: the schedule by batches
+    assert not all(np.allclose(a, b) for a, b in zip(model.get_weights(), keras_twin.get_weights(), strict=True))
+
+
 def test_accumulation_under_a_strategy_equals_one_device_big_batch():
     data = helpers.example1_data(60)
     keras.utils.set_random_seed(3)
