@@ -211,6 +211,12 @@ def _one_head():
     return keras.Model(inp, layers.Dense(1)(layers.Dense(4)(inp)))
 
 
+def _one_head_by_dict():
+    keras.utils.set_random_seed(0)
+    inp = layers.Input((100,))
+    return keras.Model(inp, {"y": layers.Dense(1, name="y")(inp)})
+
+
 _X1, _Y1 = helpers.example1_data(32)
 _W = np.linspace(0.5, 1.5, 32)
 _HEADS = ("regression_output", "classification_output")
@@ -233,6 +239,9 @@ _EVALUATE_CASES = {
         _Y1["regression_output"], _W,
     ),
     "loss alone": (_one_head, {"loss": "mse"}, _Y1["regression_output"], None),
+    "one output by name": (  # Keras logs no per-output loss for one output: the list is [loss, mae]
+        _one_head_by_dict, {"loss": {"y": "mse"}, "metrics": {"y": ["mae"]}}, {"y": _Y1["regression_output"]}, None,
+    ),
 }  # fmt: skip
 
 

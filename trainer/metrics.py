@@ -185,11 +185,15 @@ class MetricSpec:
         return found
 
 
-def keras_list(logs: Mapping[str, float], listed: Sequence[str], keras_names: Mapping[str, str]) -> float | list[float]:
+def keras_list(
+    logs: Mapping[str, float], listed: Sequence[str], keras_names: Mapping[str, str | None]
+) -> float | list[float]:
     """``Model.evaluate(return_dict=False)``'s list, by Keras' rule (``Trainer._flatten_metrics_in_order``): the
     values named in ``listed`` in that order (a name may come twice, as in Keras), then every other value sorted by
-    name. Names are Keras' (``keras_names``: logged key -> Keras' name; other keys keep theirs). One value alone."""
-    named = {keras_names.get(key, key): value for key, value in logs.items()}
+    name. Names are Keras' (``keras_names``: logged key -> Keras' name, None for a value Keras does not log; other
+    keys keep theirs). One value alone."""
+    renamed = {key: keras_names.get(key, key) for key in logs}
+    named = {renamed[key]: value for key, value in logs.items() if renamed[key] is not None}
     values = [named[name] for name in listed if name in named]
     values += [named[name] for name in sorted(named) if name not in listed]
     return values[0] if len(values) == 1 else values

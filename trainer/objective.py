@@ -117,13 +117,13 @@ class Objective:
                 found.setdefault(id(var), var)
         return list(found.values())
 
-    def keras_names(self) -> dict[str, str]:
-        """Keras' log names of the components that are Keras per-output losses of a model with several outputs
-        (``<output>_loss``), in the model's output order: what ``Model.evaluate`` lists right after ``loss``."""
-        if len(self._outputs) < 2:
-            return {}
+    def keras_names(self) -> dict[str, str | None]:
+        """Keras' log names of the components that are Keras per-output losses, in the model's output order:
+        ``<output>_loss`` with several outputs (what ``Model.evaluate`` lists right after ``loss``), None with one
+        (Keras logs only the total then)."""
         keras_style = {n for n, fn in self._entries.items() if isinstance(fn, PerOutputLoss) and fn.output == n}
-        return {name: f"{name}_loss" for name in self._outputs if name in keras_style}
+        single = len(self._outputs) == 1
+        return {name: None if single else f"{name}_loss" for name in self._outputs if name in keras_style}
 
     def bind_outputs(self, output_names: list[str]) -> None:
         """Bind a top-level Keras loss to the model's outputs: its single output, or each of several (as Keras

@@ -402,7 +402,7 @@ class Trainer:
         if return_dict:
             return logs
         losses = self._objective.keras_names()  # Model.evaluate's order: loss, each output's loss, its metrics...
-        listed = [TOTAL, *self._metrics.keras_listed, *losses.values()]
+        listed = [TOTAL, *self._metrics.keras_listed, *(name for name in losses.values() if name)]
         return keras_list(logs, listed, {**self._metrics.keras_names, **losses})
 
     def predict(
