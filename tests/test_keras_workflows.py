@@ -337,3 +337,28 @@ def test_a_callback_calling_self_model_evaluate_gets_the_trainers_as_fit_gives_i
     assert_history_close(ours, theirs, {"loss": "loss", "test_loss": "test_loss"})
     assert_weights_close(model, twin)
     assert "evaluate" not in vars(model)  # the model's own method again after fit
+
+
+class _EvaluateEachBatch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append(self.model.evaluate(*VAL, batch_size=8, verbose=0))
+
+
+def test_evaluating_in_a_batch_hook_leaves_the_training_means_alone_where_fit_reports_the_evaluations():
+    """Pinned difference: the per-batch evaluations equal Model.fit's, but Keras' evaluate shares the model's
+    trackers with training, so Model.fit's epoch loss is the last evaluation's; tapeloop's stays the training mean."""
+    model, _, twin = _pair()
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=1)  # every batch
+    args = {"batch_size": 8, "shuffle": False, "epochs": 1}
+    theirs, ours = _EvaluateEachBatch(), _EvaluateEachBatch()
+    keras_loss = twin.fit(*TRAIN, callbacks=[theirs], verbose=0, **args).history["loss"][0]
+    history = trainer.fit(*TRAIN, callbacks=[ours], progress=False, **args).history
+    np.testing.assert_allclose(ours.seen, theirs.seen, rtol=1e-5)
+    assert keras_loss == pytest.approx(theirs.seen[-1], rel=1e-6)
+    unaided = _pair()[1].fit(*TRAIN, progress=False, **args).history["loss"][0]  # no callback: the training mean
+    assert history["loss"][0] == pytest.approx(unaided, rel=1e-6) and unaided != pytest.approx(keras_loss, rel=1e-2)
+    assert_weights_close(model, twin)
