@@ -13,7 +13,7 @@ from keras import layers
 
 from tests import helpers
 from tests.helpers import assert_history_close, assert_weights_close
-from trainer import Trainer
+from trainer import NonFiniteLossError, Trainer
 
 
 def _model() -> keras.Model:
@@ -362,3 +362,21 @@ def test_evaluating_in_a_batch_hook_leaves_the_training_means_alone_where_fit_re
     unaided = _pair()[1].fit(*TRAIN, progress=False, **args).history["loss"][0]  # no callback: the training mean
     assert history["loss"][0] == pytest.approx(unaided, rel=1e-6) and unaided != pytest.approx(keras_loss, rel=1e-2)
     assert_weights_close(model, twin)
+
+
+def test_terminate_on_nan_is_preceded_by_nan_policy_which_keeps_the_last_good_weights():
+    """Pinned difference: with ``TerminateOnNaN`` Model.fit applies the NaN batch's update, then stops quietly with
+    non-finite weights; tapeloop's default ``nan_policy="raise"`` stops first, with an error naming the step and the
+    weights of the step before (equal to a run on the batches before it)."""
+    x, y = TRAIN[0], TRAIN[1].copy()
+    y[20] = np.nan  # in the third batch of 8
+    model, _, twin = _pair()
+    twin.fit(x, y, batch_size=8, shuffle=False, callbacks=[keras.callbacks.TerminateOnNaN()], verbose=0)
+    assert int(twin.optimizer.iterations) == 3 and not all(np.isfinite(w).all() for w in twin.get_weights())
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse", steps_per_execution=1)
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at training step 3"):
+        trainer.fit(x, y, batch_size=8, shuffle=False, callbacks=[keras.callbacks.TerminateOnNaN()], progress=False)
+    before, _, _ = _pair()
+    Trainer(before, optimizer=keras.optimizers.SGD(0.05), loss="mse").fit(x[:16], y[:16], batch_size=8,
+                                                                         shuffle=False, progress=False)  # fmt: skip
+    assert_weights_close(model, before)
