@@ -33,12 +33,20 @@ class ShapeMismatchError(ValueError):
 
 
 def _align_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Keras' rank alignment: a trailing axis of size 1 on one side is dropped when the other lacks it."""
+    """Keras' rank alignment (``squeeze_or_expand_to_same_rank``): when one side has a trailing axis of size 1 that
+    the other lacks, a rank-1 other side gains it (labels ``(B,)`` against outputs ``(B, 1)`` stay one value per
+    example, so sample weights weigh examples), otherwise the axis is dropped."""
     t_rank, p_rank = y_true.shape.rank, y_pred.shape.rank
     if t_rank == p_rank + 1 and y_true.shape[-1] == 1:
-        y_true = tf.squeeze(y_true, -1)
+        if p_rank == 1:
+            y_pred = tf.expand_dims(y_pred, -1)
+        else:
+            y_true = tf.squeeze(y_true, -1)
     elif p_rank == t_rank + 1 and y_pred.shape[-1] == 1:
-        y_pred = tf.squeeze(y_pred, -1)
+        if t_rank == 1:
+            y_true = tf.expand_dims(y_true, -1)
+        else:
+            y_pred = tf.squeeze(y_pred, -1)
     return y_true, y_pred
 
 
