@@ -211,12 +211,13 @@ class PerOutputLoss:
         self._check_shapes(loss, y_true, y_pred)
         weight = self._sample_weight(targets)
         value = loss(y_true, y_pred, sample_weight=weight)
-        if getattr(loss, "reduction", None) == "sum":
+        reduction = getattr(loss, "reduction", None)
+        if reduction == "sum":
             # A sum over this replica's examples; the step scales each replica's value by b/B and adds them, so
             # b/B is undone here: the global batch's sum, as Model.fit under a strategy (and on one device).
             share = tf.cast(replica_share(tf.shape(y_pred)[0]), value.dtype)
             return tf.math.divide_no_nan(value, share)
-        if getattr(loss, "reduction", None) in _KERAS_SCALED:
+        if reduction in _KERAS_SCALED:
             # Keras divides mean-reduced losses by the strategy's replica count itself (losses/loss.py,
             # scale_loss_for_distribution); undone here so the value is the plain mean over this replica's share
             # and the step's one b/B scaling is the only one.

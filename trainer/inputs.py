@@ -80,19 +80,11 @@ def _check_class_weight(class_weight: object, what: str) -> None:
         )
 
 
-def class_weights(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
-    """Keras' rule (``class_weight_to_sample_weights``): a one-hot or probability row counts as its argmax, a
-    trailing axis of 1 is squeezed, labels are rounded; classes missing from ``class_weight`` weigh 1."""
-    labels = np.asarray(y)
-    if labels.ndim > 1:
-        labels = np.argmax(labels, axis=-1) if labels.shape[-1] != 1 else np.squeeze(labels, axis=-1)
-    labels = np.round(labels).astype(np.int64)
-    return np.array([class_weight.get(int(label), 1.0) for label in labels], np.float32)
-
-
-def class_weights_in_graph(y: tf.Tensor, class_weight: Mapping[int, float]) -> tf.Tensor:
-    """:func:`class_weights` on a dataset's batch of targets, in the graph (Keras' ``make_class_weight_map_fn``, but
-    a class missing from ``class_weight`` weighs 1 here too, where Keras' lookup fails)."""
+def class_weights(y: Any, class_weight: Mapping[int, float]) -> tf.Tensor:
+    """Each example's class weight, eagerly (arrays) or in a dataset's graph — Keras' rule
+    (``class_weight_to_sample_weights``, ``make_class_weight_map_fn``): a one-hot or probability row counts as its
+    argmax, a trailing axis of 1 is dropped, labels are rounded; a class missing from ``class_weight`` weighs 1 (Keras'
+    dataset path fails on it)."""
     y = tf.convert_to_tensor(y)
     if y.shape.rank == 0:
         raise DataError(f"class_weight needs a batch of labels; the target is a scalar ({y.dtype.name}).")
@@ -124,7 +116,7 @@ def _with_weights(
             )
         if not weigh:
             return targets
-        sample_weight = class_weights(next(iter(targets.values())), class_weight)
+        sample_weight = class_weights(np.asarray(next(iter(targets.values()))), class_weight).numpy()
     if sample_weight is None:
         return targets
     if isinstance(sample_weight, (Mapping, list, tuple)):
@@ -158,7 +150,7 @@ def _keyed_dataset(
         targets = _keyed(y, outputs, what, "y")
         if class_weight is not None:  # the checks of the arrays' path, then the weights in the graph
             _with_weights(targets, weight, class_weight, outputs, what, weigh=False)
-            weight = class_weights_in_graph(next(iter(targets.values())), class_weight) if graph else None
+            weight = class_weights(next(iter(targets.values())), class_weight) if graph else None
         return x, _with_weights(targets, weight, None, outputs, what)
 
     keyed(*spec, graph=False)  # the same on the element's structure: a DataError here, not inside tf.data's tracing
@@ -274,8 +266,10 @@ def fit_data(
     shuffle: bool,
     seed: int,
     output_names: OutputNames,
+    steps: tuple[int | None, int | None] = (None, None),
 ) -> tuple[Data, Data | None]:
-    """The training and validation data of a ``fit`` call, from ``Model.fit``'s arguments."""
+    """The training and validation data of a ``fit`` call, from ``Model.fit``'s arguments; ``steps``
+    (``steps_per_epoch``, ``validation_steps``) must be given for infinite data."""
     source = keras_source(x, y, sample_weight, class_weight, what="training data", output_names=output_names)
     val_source = None
     if validation_data is not None:  # Keras ignores validation_split when validation_data is given
@@ -293,12 +287,14 @@ def fit_data(
         if class_weight is not None:  # Keras weighs only the training examples by class, not the validation split
             val_source = val_source[0], {k: v for k, v in val_source[1].items() if k != sample_weight_key()}
     train = Data(source, what="training data", batch_size=batch_size, shuffle=shuffle, seed=seed)
+    train.check_finite(steps[0], "steps_per_epoch")
     val = None
     if val_source is not None:
         val_batch = (
             None if isinstance(val_source, (tf.data.Dataset, IndexedBatches)) else validation_batch_size or batch_size
         )
         val = Data(val_source, what="validation data", batch_size=val_batch)
+        val.check_finite(steps[1], "validation_steps")
     return train, val
 
 

@@ -19,7 +19,7 @@ from losses.adapters import binary_or_sparse, display_name, sample_weight_of
 from trainer.errors import names
 from trainer.structure import KeyedView, call_reader
 
-__all__ = ["MetricSpec", "keras_list"]
+__all__ = ["MetricSpec"]
 
 
 def _metric_names() -> list[str]:
@@ -174,6 +174,20 @@ class MetricSpec:
             weight = sample_weight_of(targets, output) if key in self._weighted_keys else None
             metric.update_state(targets[output], outputs[output], sample_weight=weight)
 
+    def keras_list(self, logs: Mapping[str, float], loss_names: Mapping[str, str | None]) -> float | list[float]:
+        """``Model.evaluate(return_dict=False)``'s list, by Keras' rule (``_flatten_metrics_in_order`` in
+        keras/src/trainers/trainer.py): ``loss``, the metrics' own names in compile's order (they match only for a
+        one-output model), each output's loss (``loss_names``: logged key -> Keras' name, None for a value Keras does
+        not log), then every other value sorted by its Keras name. A name may come twice, as in Keras; one value
+        alone."""
+        keras_names = {**self.keras_names, **loss_names}
+        renamed = {key: keras_names.get(key, key) for key in logs}
+        named = {renamed[key]: value for key, value in logs.items() if renamed[key] is not None}
+        listed = ["loss", *self.keras_listed, *(name for name in loss_names.values() if name)]
+        values = [named[name] for name in listed if name in named]
+        values += [named[name] for name in sorted(named) if name not in listed]
+        return values[0] if len(values) == 1 else values
+
     def callable_values(
         self, outputs: Mapping[str, tf.Tensor], targets: Mapping[str, tf.Tensor], output_hint=None
     ) -> dict[str, tf.Tensor]:
@@ -183,17 +197,3 @@ class MetricSpec:
             value = call_reader(fn, outputs, targets, reader=f"metric {name!r}", hint=output_hint)
             found.update(components(name, value, kind="metric"))
         return found
-
-
-def keras_list(
-    logs: Mapping[str, float], listed: Sequence[str], keras_names: Mapping[str, str | None]
-) -> float | list[float]:
-    """``Model.evaluate(return_dict=False)``'s list, by Keras' rule (``Trainer._flatten_metrics_in_order``): the
-    values named in ``listed`` in that order (a name may come twice, as in Keras), then every other value sorted by
-    name. Names are Keras' (``keras_names``: logged key -> Keras' name, None for a value Keras does not log; other
-    keys keep theirs). One value alone."""
-    renamed = {key: keras_names.get(key, key) for key in logs}
-    named = {renamed[key]: value for key, value in logs.items() if renamed[key] is not None}
-    values = [named[name] for name in listed if name in named]
-    values += [named[name] for name in sorted(named) if name not in listed]
-    return values[0] if len(values) == 1 else values

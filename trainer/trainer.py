@@ -28,9 +28,9 @@ from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
 from trainer.errors import names, naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
-from trainer.metrics import MetricSpec, keras_list
+from trainer.metrics import MetricSpec
 from trainer.model import ModelCall, check_own_training
-from trainer.objective import TOTAL, Objective
+from trainer.objective import Objective
 from trainer.options import (
     AUTO,
     NAN_POLICIES,
@@ -325,10 +325,8 @@ class Trainer:
             shuffle=shuffle,
             seed=self.seed,
             output_names=self._output_names,
+            steps=(steps_per_epoch, validation_steps),
         )
-        data.check_finite(steps_per_epoch, "steps_per_epoch")
-        if val is not None:
-            val.check_finite(validation_steps, "validation_steps")
         if self._runner is None:
             self._build(data.first_batch())  # (taking a first batch costs an iterator: only when needed)
         check_same_variables(self._runner.steps.math.variables, self.trainable_variables)
@@ -399,11 +397,7 @@ class Trainer:
         logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
         if verbose != 0:
             print(format_scalars(logs), flush=True)
-        if return_dict:
-            return logs
-        losses = self._objective.keras_names()  # Model.evaluate's order: loss, each output's loss, its metrics...
-        listed = [TOTAL, *self._metrics.keras_listed, *(name for name in losses.values() if name)]
-        return keras_list(logs, listed, {**self._metrics.keras_names, **losses})
+        return logs if return_dict else self._metrics.keras_list(logs, self._objective.keras_names())
 
     def predict(
         self, data: Any, *, batch_size: int | None = None, steps: int | None = None, verbose: int | str = 0
