@@ -210,3 +210,38 @@ def test_mirrored_strategy_on_one_device_matches_the_default_strategy():
     np.testing.assert_allclose(
         mirrored.predict(data[0])["regression_output"], plain.predict(data[0])["regression_output"], rtol=1e-6
     )
+
+
+def test_plain_function_model_trains_like_numpy_sgd_and_resumes(tmp_path):
+    """DESIGN: the model may be any callable. A function closing over variables has no `trainable_variables`:
+    the Trainer finds the variables it reads on its first call, trains them, and checkpoints them."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(16, 3).astype("float32")
+    t = (x @ np.array([[1.0], [2.0], [-1.0]]) + 0.5).astype("float32")
+
+    def make():
+        w, b = tf.Variable(tf.zeros([3, 1])), tf.Variable(tf.zeros([1]))
+        return (lambda inputs: {"y": tf.matmul(inputs, w) + b}), w, b
+
+    model, w, b = make()
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss={"y": "mse"})
+    trainer.fit((x, {"y": t}), epochs=3, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
+    rw, rb = np.zeros((3, 1)), np.zeros(1)
+    for _ in range(5):  # full-batch gradient descent on the mean squared error, by hand
+        err = x @ rw + rb - t
+        rw, rb = rw - 0.1 * 2 * x.T @ err / len(x), rb - 0.1 * 2 * err.mean(0)
+        if _ == 2:
+            np.testing.assert_allclose(w.numpy(), rw, rtol=1e-5)
+            np.testing.assert_allclose(b.numpy(), rb, rtol=1e-5)
+    model2, w2, b2 = make()  # a new process's fresh variables: resumed from the checkpoint, two epochs more
+    again = Trainer(model2, optimizer=keras.optimizers.SGD(0.1), loss={"y": "mse"})
+    again.fit((x, {"y": t}), epochs=5, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
+    np.testing.assert_allclose(w2.numpy(), rw, rtol=1e-5)
+    np.testing.assert_allclose(b2.numpy(), rb, rtol=1e-5)
+
+
+def test_plain_function_model_without_variables_is_named():
+    trainer = Trainer(lambda inputs: {"y": 2.0 * inputs}, loss={"y": "mse"})
+    x = np.ones((4, 1), "float32")
+    with pytest.raises(ValueError, match="read no trainable variable"):
+        trainer.fit((x, {"y": x}), progress=False)

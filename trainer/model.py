@@ -7,6 +7,7 @@ traces the step, sums ``model.losses``, and lists the state an inspecting pass m
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -36,15 +37,21 @@ class ModelCall:
         self.hint = output_hint(model)  # extra text for a missing output name
         self._training_arg = accepts_training(model)
         self._names: list[str] | None = None  # the output names, once known
+        # A plain function has no variable lists: the trainable variables it reads, seen on its first eager call.
+        self._read: list[tf.Variable] | None = [] if hasattr(model, "trainable_variables") else None
 
     def __call__(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
         model = self.model
+        discover = self._read is None and tf.executing_eagerly()
         try:
-            value = model(inputs, training=training) if self._training_arg else model(inputs)
+            with tf.GradientTape() if discover else contextlib.nullcontext() as tape:
+                value = model(inputs, training=training) if self._training_arg else model(inputs)
         except OWN_ERRORS:
             raise
         except Exception as err:  # at the first batch, or while tracing: name it, list what the model was given
             raise UserCodeError("the model", err, describe_tensors("input", keyed(inputs))) from err
+        if discover:
+            self._read = list(tape.watched_variables())
         outputs = as_output_dict(value, getattr(model, "output_names", None))
         # Mixed precision: losses, metrics and trackers see float32 outputs (as if the last layers were float32).
         return {k: tf.cast(v, tf.float32) if v.dtype in HALF else v for k, v in outputs.items()}
@@ -56,10 +63,24 @@ class ModelCall:
 
     @property
     def trainable_variables(self) -> list[tf.Variable]:
+        """The model's ``trainable_variables``; for a plain function, the trainable variables its first call read."""
         variables = getattr(self.model, "trainable_variables", None)
-        if variables is None:
-            raise TypeError("The model has no `trainable_variables`; use a keras.Model or a tf.Module.")
-        return list(variables)
+        if variables is not None:
+            return list(variables)
+        if self._read is None:
+            raise RuntimeError("A plain function's variables are known after its first call (fit or evaluate).")
+        if not self._read:
+            raise ValueError(
+                f"The model {self.model!r} read no trainable variable on its first call, so there is nothing to "
+                "train: create its tf.Variables outside the function and read them inside (or use a keras.Model)."
+            )
+        return list(self._read)
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """Every variable a checkpoint saves of the model (a plain function's: those its first call read)."""
+        found = getattr(self.model, "variables", None)
+        return list(found) if found is not None else list(self._read or [])
 
     def output_names(self, inputs: Any, strategy: tf.distribute.Strategy) -> list[str]:
         """The model's output names, from one eager forward pass that changes no state (cached)."""

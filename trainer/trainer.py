@@ -180,7 +180,7 @@ class Trainer:
         if self._runner is None:
             raise RuntimeError("checkpoint_state() needs a built Trainer: call fit or evaluate first.")
         state: dict[str, Any] = {
-            "model_variables": list(getattr(self.model, "variables", [])),
+            "model_variables": self._call.variables,
             "optimizer": list(self.optimizer.variables),
             "losses": self._objective.trainable_variables(),
             "loss_weights": dict(self._objective.weights),
