@@ -361,3 +361,26 @@ def test_infinite_data_without_a_step_count_is_named_for_every_use():
     first_two = (x[:16], {"output": y["output"][:16]})
     assert trainer.evaluate(endless, steps=2)["loss"] == pytest.approx(trainer.evaluate(first_two)["loss"], rel=1e-6)
     assert len(trainer.predict(endless, steps=3)["output"]) == 24
+
+
+@pytest.mark.parametrize(
+    "metric, error",
+    [
+        ("mae", "InvalidArgumentError: Incompatible shapes: \\[4\\] vs. \\[4,3\\]$"),  # was a StepError naming none
+        (
+            "top_k_categorical_accuracy",
+            "InvalidArgumentError: targets must be 1-dimensional$",
+        ),  # was a bare trace-time error
+    ],
+)
+def test_a_keras_metric_that_fails_on_the_first_batch_is_named_before_any_update(metric, error):
+    """Sparse labels (B,) against a softmax (B, 3): both metrics fail in Model.fit too (with TensorFlow's error)."""
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    trainer = Trainer(model, loss="sparse_categorical_crossentropy", metrics=[metric])
+    x, y = np.zeros((8, 5), "float32"), np.zeros(8, "int64")
+    message = (
+        f"(?m)Keras metric '{metric}' on output 'output' raised {error}\nIt was given:\n"
+        "  target 'output': shape \\(4,\\), int64\n  output 'output': shape \\(4, 3\\), float32"
+    )
+    _fails_before_update(trainer, UserCodeError, message, x, y, batch_size=4)

@@ -81,13 +81,19 @@ def describe_tensors(kind: str, tensors: Mapping[str, object]) -> list[str]:
     return lines
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, without TensorFlow's op dump, graph function name or eager op suffix."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)  # the graph function's name says nothing
+    return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", first)[:400]
+
+
 class UserCodeError(Exception):
     """A loss, metric or model raised while tapeloop called it; the message names it and lists, one per line, the
     shapes and dtypes of everything it was given. The original exception is the ``__cause__``."""
 
     def __init__(self, who: str, error: BaseException, given: Sequence[str], hint: str = "") -> None:
-        first = (str(error).strip().splitlines() or [""])[0][:400]  # no TensorFlow op dump
-        message = f"{who} raised {type(error).__name__}: {first}\nIt was given:\n" + "\n".join(given)
+        message = f"{who} raised {type(error).__name__}: {first_line(error)}\nIt was given:\n" + "\n".join(given)
         super().__init__(message + (f"\n{hint}" if hint else ""))
         self.who = who
         self.original = error
@@ -100,8 +106,7 @@ class StepError(RuntimeError):
     were applied."""
 
     def __init__(self, mode: str, done: int, count: int, error: BaseException) -> None:
-        first = (str(error).strip().splitlines() or [""])[0]
-        first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)[:400]  # the graph function's name says nothing
+        first = first_line(error)
         what = {"train": "Training", "eval": "Evaluation", "predict": "Prediction"}[mode]
         unit = "step" if mode == "train" else "batch"
         where = f"{unit} {done + 1}" if count == 1 else f"{unit}s {done + 1}-{done + count}"

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from losses import components
 from losses.adapters import binary_or_sparse, display_name, sample_weight_of
-from trainer.errors import names
+from trainer.errors import OWN_ERRORS, UserCodeError, describe_tensors, names
 from trainer.structure import KeyedView, call_reader
 
 __all__ = ["MetricSpec"]
@@ -173,6 +173,28 @@ class MetricSpec:
             output = self._output_of[key]
             weight = sample_weight_of(targets, output) if key in self._weighted_keys else None
             metric.update_state(targets[output], outputs[output], sample_weight=weight)
+
+    def check(
+        self,
+        metric_objects: Mapping[str, keras.metrics.Metric],
+        outputs: Mapping[str, tf.Tensor],
+        targets: Mapping[str, tf.Tensor],
+    ) -> None:
+        """Update each Keras metric once, eagerly, on the first batch and reset it, so a metric that cannot take its
+        output and target fails before any update, by name, with their shapes (in the step it would fail without
+        a name, or at trace time with TensorFlow's error)."""
+        for key, metric in metric_objects.items():
+            output = self._output_of[key]
+            try:
+                self.update({key: metric}, outputs, targets)
+            except OWN_ERRORS:
+                raise
+            except Exception as err:
+                given = describe_tensors("target", {output: targets[output]})
+                given += describe_tensors("output", {output: outputs[output]})
+                raise UserCodeError(f"Keras metric {metric.name!r} on output {output!r}", err, given) from err
+            finally:
+                metric.reset_state()
 
     def keras_list(self, logs: Mapping[str, float], loss_names: Mapping[str, str | None]) -> float | list[float]:
         """``Model.evaluate(return_dict=False)``'s list, by Keras' rule (``_flatten_metrics_in_order`` in

@@ -207,6 +207,7 @@ class Trainer:
             parts = self._objective.components(outputs, targets, self._call.regularization(), self._call.hint)
             metric_values = self._metrics.callable_values(outputs, targets, self._call.hint)
         per_mode = {mode: self._metrics.build(outputs, targets, self._call.hint) for mode in ("train", "eval")}
+        self._metrics.check(per_mode["train"], outputs, targets)
         return parts, metric_values, per_mode
 
     def _inspected_state(self) -> list[tf.Variable]:
