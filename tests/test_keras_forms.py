@@ -325,3 +325,46 @@ def test_keras_loss_names_with_sample_weights_and_labels_of_rank_one_match_fit(l
     ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=loss).fit(x, y, progress=False, **args).history
     assert_history_close(ours, theirs, {"loss": "loss"})
     assert_weights_close(model, twin)
+
+
+class TwoHeads(keras.Model):
+    """A subclassed model returning a tuple: it has no output names (Keras keys compile's lists by position)."""
+
+    def __init__(self, nested: bool = False):
+        super().__init__()
+        self.nested = nested
+        self.trunk, self.a, self.b = layers.Dense(4, activation="relu"), layers.Dense(1), layers.Dense(1)
+
+    def call(self, x):
+        h = self.trunk(x)
+        return {"a": {"p": self.a(h)}, "b": self.b(h)} if self.nested else (self.a(h), self.b(h))
+
+
+def test_a_subclassed_models_tuple_outputs_are_output_1_and_output_2_and_compiles_lists_match_fit():
+    """Keras logs these losses by loss name (``mse_loss``, ``mae_loss``); tapeloop keys the tuple's outputs
+    ``output_1``, ``output_2`` (tf.keras 2's names for them) — the lists were a TypeError."""
+    x, y = X, [X[:, :1] * 2.0, X[:, 1:2] - 1.0]
+    kwargs = {"loss": ["mse", "mae"], "loss_weights": [1.0, 0.5], "metrics": [["mae"], []]}
+    values = {}
+    for who in ("keras", "tapeloop"):
+        keras.utils.set_random_seed(1)
+        model = TwoHeads()
+        if who == "keras":
+            model.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
+            values[who] = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+        else:
+            trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
+            values[who] = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+            assert list(trainer.predict(x)) == ["output_1", "output_2"]
+        values[who + " weights"] = model.get_weights()
+    keys = {"loss": "loss", "output_1": "mse_loss", "output_2": "mae_loss", "output_1/mae": "mae"}
+    assert_history_close(values["tapeloop"], values["keras"], keys)
+    for a, b in zip(values["tapeloop weights"], values["keras weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nested_output_dict_is_named():
+    """Keras takes nested outputs; tapeloop keys outputs one level deep (was: 'dict' has no attribute 'dtype')."""
+    trainer = Trainer(TwoHeads(nested=True), loss={"b": "mse"})
+    with pytest.raises(TypeError, match=r"output 'a' is a dict \(keys 'p'\).*one level deep.*'a_p'"):
+        trainer.fit(X, {"b": X[:, :1]}, progress=False)

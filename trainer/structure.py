@@ -33,24 +33,46 @@ __all__ = [
 
 
 def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[str, tf.Tensor]:
-    """Key a model's return value: a dict as is, a list/tuple by ``output_names``, a single tensor as ``"output"``."""
+    """Key a model's return value: a dict of tensors as is, a list/tuple by ``output_names`` (none:
+    ``output_1``, ``output_2``, ...), a single tensor as ``"output"``."""
     if isinstance(value, Mapping):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
             raise TypeError(f"The model returned a dict with non-str keys {bad!r}; output names must be str.")
+        for key, item in value.items():
+            if _tensor_like(item):
+                continue
+            if not isinstance(item, Mapping) or not item:
+                raise TypeError(f"The model's output {key!r} is a {type(item).__name__}, not a tensor.")
+            first = next(iter(item))
+            raise TypeError(
+                f"The model's output {key!r} is a dict (keys {names(list(item))}); tapeloop keys outputs one level "
+                f"deep: return a flat dict of tensors (e.g. '{key}_{first}' for outputs[{key!r}][{first!r}])."
+            )
         return dict(value)
     if isinstance(value, (list, tuple)):
-        if not output_names or len(output_names) != len(value):
+        output_names = output_names or positional_names(len(value))
+        if len(output_names) != len(value):
             raise TypeError(
                 f"The model returned {len(value)} outputs as a {type(value).__name__}, but its output names are "
                 f"{list(output_names or [])!r}; return a dict {{name: tensor}} or give the model named outputs."
             )
         return dict(zip(output_names, value))
-    if tf.is_tensor(value) or hasattr(value, "shape"):
+    if _tensor_like(value):
         return {"output": value}
     raise TypeError(
         f"The model returned {type(value).__name__}; expected a tensor, a list/tuple of tensors or a dict of them."
     )
+
+
+def _tensor_like(value: object) -> bool:
+    return tf.is_tensor(value) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def positional_names(count: int) -> list[str]:
+    """Names for outputs returned as a list/tuple by a model that has no output names (a subclassed Keras model):
+    ``output_1``, ``output_2``, ... (tf.keras 2's names for them)."""
+    return [f"output_{i}" for i in range(1, count + 1)]
 
 
 def by_output_order(what: str, value: object, model: object, *, per_output: bool = True) -> object:
@@ -63,8 +85,11 @@ def by_output_order(what: str, value: object, model: object, *, per_output: bool
     if not isinstance(value, (list, tuple)) or not value or flat:
         return value
     outputs = list(getattr(model, "output_names", None) or [])
-    if len(value) == 1 and len(outputs) < 2 and _single_output_layer(model) is not None:
+    single = _single_output_layer(model)
+    if len(value) == 1 and len(outputs) < 2 and single is not None:
         return value[0]  # Keras' list form for a one-output model (a Sequential has no output_names): the entry
+    if not outputs and single is None and len(value) > 1:
+        outputs = positional_names(len(value))  # a subclassed model's tuple, keyed so by as_output_dict
     if len(outputs) < 2:
         raise TypeError(
             f"`{what}` is a list, Keras' form for a model with several outputs (read in model.output_names order); "
