@@ -10,7 +10,7 @@ from losses.adapters import (
     sample_weight_key,
 )
 from losses.aggregators import IMTLG, MGDA, AlignedMTL, CAGrad, DualProj, Mean, PCGrad, Sum, UPGrad
-from losses.distributed import global_normalizer, global_sum, replica_share
+from losses.distributed import global_normalizer, global_sum, plain_keras_losses, replica_share
 from losses.evaluation import average_precision, box_iou, mean_average_precision
 from losses.focal import SparseFocalLoss, sparse_focal_loss
 from losses.multibox import MultiBoxLoss
@@ -48,6 +48,7 @@ __all__ = [
     "global_sum",
     "mean_average_precision",
     "per_output",
+    "plain_keras_losses",
     "replica_share",
     "sample_weight_key",
     "sparse_focal_loss",

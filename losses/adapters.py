@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from losses.distributed import replica_share
+from losses.distributed import plain_keras_losses, replica_share
 
 __all__ = [
     "SAMPLE_WEIGHT",
@@ -65,9 +65,6 @@ def sample_weight_of(targets: Mapping[str, tf.Tensor], output: str) -> tf.Tensor
         if key in targets:
             return targets[key]
     return None
-
-
-_KERAS_SCALED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 class FunctionLoss(keras.losses.Loss):
@@ -210,18 +207,14 @@ class PerOutputLoss:
         loss = self._resolve(y_true, y_pred)
         self._check_shapes(loss, y_true, y_pred)
         weight = self._sample_weight(targets)
-        value = loss(y_true, y_pred, sample_weight=weight)
+        with plain_keras_losses():  # the plain mean of this replica's share: the step scales it by b/B once
+            value = loss(y_true, y_pred, sample_weight=weight)
         reduction = getattr(loss, "reduction", None)
         if reduction == "sum":
             # A sum over this replica's examples; the step scales each replica's value by b/B and adds them, so
             # b/B is undone here: the global batch's sum, as Model.fit under a strategy (and on one device).
             share = tf.cast(replica_share(tf.shape(y_pred)[0]), value.dtype)
             return tf.math.divide_no_nan(value, share)
-        if reduction in _KERAS_SCALED:
-            # Keras divides mean-reduced losses by the strategy's replica count itself (losses/loss.py,
-            # scale_loss_for_distribution); undone here so the value is the plain mean over this replica's share
-            # and the step's one b/B scaling is the only one.
-            value = value * tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, value.dtype)
         return value
 
     def _sample_weight(self, targets: Mapping[str, tf.Tensor]) -> tf.Tensor | None:

@@ -7,13 +7,25 @@ the whole batch (SSD: positive anchors) divides its local sum by ``max(global co
 :func:`global_normalizer` — so that after the step's ``× b/B`` and the sum it is ``Σ local sums / global count``.
 
 All three helpers are the identity outside a replica context and on one replica, so loss code is the same everywhere.
+
+Keras' own loss objects follow ``Model.fit``'s convention instead: a mean-reduced ``keras.losses.Loss`` divides its
+value by the strategy's replica count (``scale_loss_for_distribution`` in keras/src/losses/loss.py). Code that
+uses this module's convention calls them inside :func:`plain_keras_losses`, where they return the plain mean.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import tensorflow as tf
 
-__all__ = ["global_normalizer", "global_sum", "replica_share"]
+try:  # where Keras 3 keeps the replica scaling of its loss objects
+    from keras.src.losses import loss as _keras_loss
+except ImportError:  # pragma: no cover - a Keras without it does not scale
+    _keras_loss = None
+
+__all__ = ["global_normalizer", "global_sum", "plain_keras_losses", "replica_share"]
 
 
 def _context() -> tf.distribute.ReplicaContext | None:
@@ -51,3 +63,23 @@ def global_normalizer(count: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
     count = count if count.dtype.is_floating else tf.cast(count, tf.float32)
     normaliser = tf.maximum(global_sum(count), tf.ones_like(count))
     return normaliser * tf.cast(replica_share(batch_size), count.dtype)
+
+
+def _unscaled(value: tf.Tensor) -> tf.Tensor:
+    return value
+
+
+@contextlib.contextmanager
+def plain_keras_losses() -> Iterator[None]:
+    """Within this context (while a step is traced or run eagerly), ``keras.losses.Loss`` objects return the plain
+    mean over this replica's examples, not that mean divided by the strategy's replica count: user losses written
+    with Keras loss objects, and a layer's ``add_loss`` of one, then follow this module's ``b/B`` convention."""
+    original = getattr(_keras_loss, "scale_loss_for_distribution", None)
+    if original is None:
+        yield
+        return
+    _keras_loss.scale_loss_for_distribution = _unscaled
+    try:
+        yield
+    finally:
+        _keras_loss.scale_loss_for_distribution = original

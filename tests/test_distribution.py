@@ -326,3 +326,40 @@ def test_a_step_skipped_for_one_replica_is_tracked_on_none(metrics):
     for key in ("loss", "output/mae") if metrics else ("loss",):
         assert np.isfinite(logs[1][key][0])
         assert logs[1][key][0] == pytest.approx(logs[0][key][0], rel=1e-5)
+
+
+def keras_objects_inside(outputs, targets):
+    """A loss callable written with Keras Loss objects — which divide their value by the strategy's replica count."""
+    mse = keras.losses.MeanSquaredError()(targets["regression_output"], outputs["regression_output"])
+    ce = keras.losses.CategoricalCrossentropy()(targets["classification_output"], outputs["classification_output"])
+    return {"mse": mse, "ce": ce}
+
+
+@pytest.mark.parametrize("n", [87, 81], ids=["split-4-3", "one-replica-empty"])
+def test_keras_loss_objects_inside_a_loss_callable_or_a_metric_are_not_scaled_by_the_replica_count(n):
+    """They were: on 2 replicas the logged and optimised loss was about half one device's (1.05 against 1.85)."""
+    huber = {"huber": lambda o, t: keras.losses.Huber()(t["regression_output"], o["regression_output"])}
+    _compare(helpers.example1, lambda: Recorder(keras_objects_inside), helpers.example1_data(n), metrics=huber)
+
+
+def test_the_keras_io_endpoint_layers_own_loss_and_metric_on_two_replicas_equal_one_device():
+    from tests.test_keras_io_examples import _endpoint_model
+
+    rng = np.random.default_rng(0)
+    data = {
+        "inputs": rng.random((87, 3)).astype("float32"),
+        "targets": rng.integers(0, 2, (87, 10)).astype("float32"),
+        "sample_weights": rng.random((87, 1)).astype("float32"),
+    }
+    runs = []
+    for strategy in (tf.distribute.get_strategy(), mirrored()):
+        with strategy.scope():
+            model, optimizer = _endpoint_model(), keras.optimizers.Adam(0.05)
+        trainer = Trainer(model, optimizer=optimizer, strategy=strategy)
+        history = trainer.fit(data, batch_size=16, epochs=2, shuffle=False, progress=False, validation_data=(data,))
+        runs.append((history.history, model.get_weights()))
+    (h1, w1), (h2, w2) = runs
+    for key in ("loss", "binary_accuracy", "val_loss", "val_binary_accuracy"):
+        np.testing.assert_allclose(h2[key], h1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(w1, w2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

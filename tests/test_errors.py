@@ -155,7 +155,6 @@ def test_bad_data_gets_its_own_message(data, message):
         ({"steps_per_execution": "fast"}, ValueError, "must be a positive int or 'auto', got 'fast'"),
         ({"loss": {"regression_output": "msee"}}, ValueError, "Unknown Keras loss 'msee'.*Did you mean"),
         ({"loss": "msee"}, ValueError, "Unknown Keras loss 'msee'.*Did you mean 'mse'"),  # also at the top level
-        ({"loss": None}, ValueError, "`loss` is required"),
         ({"loss": {"loss": "mse"}}, ValueError, "'loss' is a reserved key"),
         ({"loss": 3}, TypeError, "`loss` is a int"),
         ({"loss_weights": {"a": "big"}}, TypeError, "loss_weights\\['a'\\] must be a number"),

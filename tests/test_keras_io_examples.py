@@ -1,5 +1,6 @@
-"""Held against keras.io's examples run under Model.fit as printed there: the VAE (its own train_step) and knowledge
-distillation (its Distiller's compute_loss), each against the same objective written as a tapeloop loss."""
+"""Held against keras.io's examples run under Model.fit as printed there: the VAE (its own train_step), knowledge
+distillation (its Distiller's compute_loss), each against the same objective written as a tapeloop loss, and the
+endpoint layer (add_loss and a metric inside a layer, compile without a loss), run as printed."""
 
 import keras
 import numpy as np
@@ -196,3 +197,65 @@ def test_readme_distillation_matches_the_keras_io_distiller_under_fit(wrapped):
     assert not teacher.trainable_weights and all(
         np.array_equal(a, b) for a, b in zip(helpers.weights(teacher), helpers.weights(reference.teacher))
     )
+
+
+# -- keras.io "Training & evaluation with the built-in methods": the endpoint layer pattern ---------------------------
+
+
+class LogisticEndpoint(layers.Layer):
+    """keras.io's: the layer adds its loss (``add_loss``) and updates its own metric; the model has no loss."""
+
+    def __init__(self, name=None):
+        super().__init__(name=name)
+        self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+        self.accuracy_fn = keras.metrics.BinaryAccuracy()
+
+    def call(self, targets, logits, sample_weights=None):
+        loss = self.loss_fn(targets, logits, sample_weights)
+        self.add_loss(loss)
+        self.accuracy_fn.update_state(targets, logits, sample_weights)
+        return ops.softmax(logits)
+
+
+def _endpoint_model() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(shape=(3,), name="inputs")
+    targets = keras.Input(shape=(10,), name="targets")
+    logits = layers.Dense(10)(inputs)
+    sample_weights = keras.Input(shape=(1,), name="sample_weights")
+    preds = LogisticEndpoint(name="predictions")(targets, logits, sample_weights)
+    return keras.Model(inputs=[inputs, targets, sample_weights], outputs=preds)
+
+
+def test_the_keras_io_endpoint_layer_trains_without_a_loss_and_logs_its_metric_as_fit():
+    """``compile(optimizer="adam")`` with no loss: Model.fit trains ``model.losses`` and logs the layer's metric
+    (was: "`loss` is required", and a layer's metric was never logged)."""
+    rng = np.random.default_rng(0)
+    data = {
+        "inputs": rng.random((96, 3)).astype("float32"),
+        "targets": rng.integers(0, 2, (96, 10)).astype("float32"),
+        "sample_weights": rng.random((96, 1)).astype("float32"),
+    }
+    reference = _endpoint_model()
+    reference.compile(optimizer=keras.optimizers.Adam(0.05))
+    theirs = reference.fit(data, batch_size=32, epochs=3, shuffle=False, verbose=0, validation_data=(data,)).history
+    model = _endpoint_model()
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.05))
+    ours = trainer.fit(data, batch_size=32, epochs=3, shuffle=False, progress=False, validation_data=(data,)).history
+    keys = ("loss", "binary_accuracy", "val_loss", "val_binary_accuracy")
+    assert_history_close(ours, theirs, {key: key for key in keys})
+    np.testing.assert_allclose(ours["regularization"], ours["loss"], rtol=RTOL)  # model.losses: the whole objective
+    assert len(set(np.round(ours["binary_accuracy"], 6))) > 1  # it moves: a live metric, not a constant
+    assert_weights_close(model, reference)
+    assert trainer.evaluate(data, batch_size=32)["binary_accuracy"] == pytest.approx(
+        reference.evaluate(data, batch_size=32, verbose=0, return_dict=True)["binary_accuracy"], rel=RTOL
+    )
+
+
+def test_no_loss_and_a_model_without_losses_is_named_before_any_update():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers.Dense(1)(inputs))
+    before = helpers.weights(model)
+    with pytest.raises(ValueError, match=r"no `loss` was given and the model has no losses of its own \(add_loss\)"):
+        Trainer(model).fit(np.zeros((4, 3), "float32"), np.zeros((4, 1), "float32"), progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(before, helpers.weights(model)))

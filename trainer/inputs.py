@@ -275,11 +275,11 @@ def fit_data(
     if validation_data is not None:  # Keras ignores validation_split when validation_data is given
         if isinstance(validation_data, (tf.data.Dataset, keras.utils.PyDataset)):
             val_source = keras_source(validation_data, what="validation data", output_names=output_names)
-        elif isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
+        elif isinstance(validation_data, (tuple, list)) and len(validation_data) in (1, 2, 3):  # Keras': (x,) too
             val_source = keras_source(*validation_data, what="validation data", output_names=output_names)
         else:
             raise DataError(
-                "validation data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset; got "
+                "validation data must be (x,), (x, y), (x, y, sample_weight) or a tf.data.Dataset; got "
                 f"{type(validation_data).__name__}."
             )
     elif validation_split:

@@ -82,6 +82,19 @@ class ModelCall:
         found = getattr(self.model, "variables", None)
         return list(found) if found is not None else list(self._read or [])
 
+    def layer_metrics(self) -> dict[str, keras.metrics.Metric]:
+        """Keras metrics owned by the model's layers, which update them in their own ``call`` (keras.io's endpoint
+        layer), by name: logged as ``Model.fit`` logs them. A model's own metric attributes are left out: a custom
+        ``train_step`` updates those, and the Trainer does not call it."""
+        found: dict[str, keras.metrics.Metric] = {}
+        layers = self.model.layers if isinstance(self.model, keras.Model) else []
+        for layer in layers:
+            for metric in layer.metrics:
+                if found.get(metric.name, metric) is not metric:
+                    raise ValueError(f"Two metrics in the model's layers are named {metric.name!r}; rename one.")
+                found[metric.name] = metric
+        return found
+
     def output_names(self, inputs: Any, strategy: tf.distribute.Strategy) -> list[str]:
         """The model's output names, from one eager forward pass that changes no state (cached)."""
         if self._names is None:

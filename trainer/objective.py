@@ -39,9 +39,10 @@ class Objective:
     """Named losses → components → weighted total.
 
     Args:
-        loss: one loss callable, or a dict ``{name: loss}``. In the dict a ``str`` or ``keras.losses.Loss`` value is
-            a Keras per-output loss on the output (and target) named by its key. At the top level, a Keras loss
-            applies to the single output, or to each of several (a component per output, as ``compile``).
+        loss: one loss callable, or a dict ``{name: loss}``; None: the model's own losses alone (``add_loss``). In
+            the dict a ``str`` or ``keras.losses.Loss`` value is a Keras per-output loss on the output (and target)
+            named by its key. At the top level, a Keras loss applies to the single output, or to each of several (a
+            component per output, as ``compile``).
         loss_weights: ``{key: float}`` where key is a loss name (scales all its components) or a full component key.
     """
 
@@ -50,8 +51,8 @@ class Objective:
         self._top_level_keras: object = None
         self._outputs: list[str] = []  # the model's output names, in its order (bind_outputs)
         if loss is None:
-            raise ValueError("`loss` is required: a callable loss(outputs, targets), or a dict {name: loss}.")
-        if isinstance(loss, Mapping):
+            pass  # the model's own losses alone (Keras' compile without a loss): checked on the first batch
+        elif isinstance(loss, Mapping):
             if not loss:
                 raise ValueError("`loss` is an empty dict; give at least one {name: loss}.")
             for name, fn in loss.items():
@@ -169,6 +170,11 @@ class Objective:
                 f"The losses returned the components {names(found)}, but {names(self.keys)} on the first batch. "
                 "Component keys must be the same at every step and on every replica (they are logged and reduced "
                 "across replicas by key): return every key every time (0.0 for a part that does not apply)."
+            )
+        if regularization is None and not self._entries:
+            raise ValueError(
+                "no `loss` was given and the model has no losses of its own (add_loss): give `loss`, a callable "
+                "loss(outputs, targets), a dict {name: loss} or a Keras loss."
             )
         if regularization is not None:
             if REGULARIZATION in found:

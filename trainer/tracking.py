@@ -35,14 +35,20 @@ class Tracker:
         metrics: Keras metric objects keyed ``output/name``.
         step_keys: keys tracked as plain means over optimizer steps, updated in cross-replica context
             (``grad_norm/<key>``).
+        layer_metrics: Keras metrics the model's layers update themselves, by name (read and reset here only).
     """
 
     def __init__(
-        self, mean_keys: list[str], metrics: Mapping[str, keras.metrics.Metric], step_keys: list[str] = ()
+        self,
+        mean_keys: list[str],
+        metrics: Mapping[str, keras.metrics.Metric],
+        step_keys: list[str] = (),
+        layer_metrics: Mapping[str, keras.metrics.Metric] | None = None,
     ) -> None:
         self.mean_keys = list(mean_keys)
         self.metrics = dict(metrics)
         self.step_keys = list(step_keys)
+        self.layer_metrics = dict(layer_metrics or {})
         self._sums = _sum_variable((len(self.mean_keys),), "tracker_sums")
         self._count = _sum_variable((), "tracker_count")
         self._step_sums = tf.Variable(tf.zeros([len(self.step_keys)]), trainable=False, name="tracker_step_sums")
@@ -50,7 +56,7 @@ class Tracker:
 
     @property
     def keys(self) -> list[str]:
-        return self.mean_keys + self.step_keys + list(self.metrics)
+        return self.mean_keys + self.step_keys + list(self.metrics) + list(self.layer_metrics)
 
     def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor, ok: tf.Tensor | None = None) -> None:
         """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples; nothing when ``ok``
@@ -73,7 +79,7 @@ class Tracker:
         self._count.assign(0.0)
         self._step_sums.assign(tf.zeros_like(self._step_sums))
         self._steps.assign(0.0)
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), *self.layer_metrics.values()]:
             metric.reset_state()
 
     def result(self) -> dict[str, tf.Tensor]:
@@ -82,13 +88,13 @@ class Tracker:
         out = {key: means[i] for i, key in enumerate(self.mean_keys)}
         step_means = tf.math.divide_no_nan(tf.convert_to_tensor(self._step_sums), tf.convert_to_tensor(self._steps))
         out.update({key: step_means[i] for i, key in enumerate(self.step_keys)})
-        for key, metric in self.metrics.items():
+        for key, metric in {**self.metrics, **self.layer_metrics}.items():
             out[key] = tf.cast(metric.result(), tf.float32)
         return out
 
     def variables(self) -> list[tf.Variable]:
         """Every state variable (for checkpoints)."""
         found = [self._sums, self._count, self._step_sums, self._steps]
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), *self.layer_metrics.values()]:
             found.extend(metric.variables)
         return found

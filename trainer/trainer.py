@@ -220,12 +220,15 @@ class Trainer:
             parts, metric_values, per_mode = self._probe(batch)
             self._objective.build(list(parts))
             mean_keys = self._objective.logged_keys() + list(metric_values)
+            own = self._call.layer_metrics()
+            logged = set(mean_keys) | set(per_mode["train"])
             clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
+            clash += sorted(logged & set(own))
             if clash or len(set(mean_keys)) != len(mean_keys):
                 raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
             balance = make_balance(self, self._objective.keys)  # None: the plain weighted sum
             stats = balance.step_keys() if balance else []
-            trackers = {mode: Tracker(mean_keys, per_mode[mode], stats * (mode == "train")) for mode in per_mode}
+            trackers = {mode: Tracker(mean_keys, per_mode[mode], stats * (mode == "train"), own) for mode in per_mode}
             variables = self.trainable_variables
             self.optimizer.build(variables)
             math = StepMath(

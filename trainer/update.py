@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from losses import replica_share
+from losses.distributed import plain_keras_losses
 from trainer.balance import Balance
 from trainer.metrics import MetricSpec
 from trainer.objective import REGULARIZATION, TOTAL, Objective
@@ -122,6 +123,7 @@ class StepMath:
         tracker.update_means(values, batch_size_of(inputs), ok)
         self._metrics.update(tracker.metrics, outputs, targets)
 
+    @plain_keras_losses()  # Keras loss objects in the user's losses, metrics and add_loss: the plain mean
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
         share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
@@ -149,6 +151,7 @@ class StepMath:
         self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite))
         return finite, stacked, grads, batch_size_of(inputs), components
 
+    @plain_keras_losses()
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
         inputs, targets = batch
         outputs, _, values, _ = self._losses(inputs, targets, training=False, weights=weights)
