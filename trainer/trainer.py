@@ -25,7 +25,7 @@ from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
 from trainer.data import Data
 from trainer.epochs import INEXACT_AT_EPOCH_ENDS, EpochRunner, serializable
-from trainer.errors import names, naming
+from trainer.errors import naming
 from trainer.fit_loop import FitLoop, Validation
 from trainer.inputs import VERBOSE, check_validation_freq, eval_budget, fit_data, keras_source
 from trainer.metrics import MetricSpec
@@ -46,10 +46,10 @@ from trainer.options import (
     resolve_steps_per_execution,
 )
 from trainer.predict import Predictor, prediction_data
+from trainer.probe import make_trackers, probe
 from trainer.runner import BlockRunner
 from trainer.step import Steps
-from trainer.structure import by_output_order, preserved
-from trainer.tracking import Tracker
+from trainer.structure import by_output_order
 from trainer.update import StepMath
 from trainer.writers import WriterCallback, format_scalars, progress_writers
 
@@ -193,42 +193,14 @@ class Trainer:
 
     # -- building -------------------------------------------------------------------------------------------------
 
-    def _probe(self, batch: Any) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor], dict[str, Any]]:
-        """Run the model, every loss and every metric once on ``batch``, eagerly and with ``training=False``, so a
-        missing key, a shape mismatch or a bad loss return fails here with a clear message, before any update.
-
-        Returns (loss components, metric callables' values, ``{mode: Keras metric objects}``).
-        """
-        inputs, targets = batch
-        with preserved(self._inspected_state()):
-            outputs = self._call(inputs, training=False)
-            self._objective.bind_outputs(list(outputs))
-            self._metrics.bind_outputs(list(outputs))
-            parts = self._objective.components(outputs, targets, self._call.regularization(), self._call.hint)
-            metric_values = self._metrics.callable_values(outputs, targets, self._call.hint)
-        per_mode = {mode: self._metrics.build(outputs, targets, self._call.hint) for mode in ("train", "eval")}
-        self._metrics.check(per_mode["train"], outputs, targets)
-        return parts, metric_values, per_mode
-
-    def _inspected_state(self) -> list[tf.Variable]:
-        """What a checking pass could change: the model's non-trainable state and every variable the losses own."""
-        return [*self._call.state(), *self._objective.variables()]
-
     def _build(self, batch: Any) -> None:
         """Learn the structure from the first batch (outputs, components, metrics) and build the compiled parts."""
         with self.strategy.scope():
-            parts, metric_values, per_mode = self._probe(batch)
-            self._objective.build(list(parts))
-            mean_keys = self._objective.logged_keys() + list(metric_values)
-            own = self._call.layer_metrics()
-            logged = set(mean_keys) | set(per_mode["train"])
-            clash = sorted(set(mean_keys) & set(per_mode["train"]) | {k for k in metric_values if k in parts})
-            clash += sorted(logged & set(own))
-            if clash or len(set(mean_keys)) != len(mean_keys):
-                raise ValueError(f"Metric keys {names(clash)} collide with loss component keys; rename them.")
+            found = probe(self._call, self._objective, self._metrics, batch)  # fails here, before any update
+            self._objective.build(list(found.parts))
             balance = make_balance(self, self._objective.keys)  # None: the plain weighted sum
             stats = balance.step_keys() if balance else []
-            trackers = {mode: Tracker(mean_keys, per_mode[mode], stats * (mode == "train"), own) for mode in per_mode}
+            trackers = make_trackers(self._objective, found, self._call.layer_metrics(), stats)
             variables = self.trainable_variables
             self.optimizer.build(variables)
             math = StepMath(
@@ -337,7 +309,7 @@ class Trainer:
         # Later data with another structure fails while the step retraces, which is also before any update.
         if val is not None:
             with self.strategy.scope(), naming("validation data"):
-                self._probe(val.first_batch())  # validation runs after an epoch of updates: check it now
+                probe(self._call, self._objective, self._metrics, val.first_batch())  # checked before any update
         runner = self._runner
         checkpointer = None  # multi-worker: only the chief writes into checkpoint_dir
         if checkpoint_dir is not None:
