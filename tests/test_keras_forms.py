@@ -368,3 +368,29 @@ def test_a_nested_output_dict_is_named():
     trainer = Trainer(TwoHeads(nested=True), loss={"b": "mse"})
     with pytest.raises(TypeError, match=r"output 'a' is a dict \(keys 'p'\).*one level deep.*'a_p'"):
         trainer.fit(X, {"b": X[:, :1]}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {
+            "loss": {"regression_output": "mse", "classification_output": None},
+            "metrics": {"classification_output": None},
+        },
+        {"loss": ["mse", None], "loss_weights": [2.0, 0.5]},  # a weight for an output without a loss weighs nothing
+    ],
+    ids=["dict", "list"],
+)
+def test_none_for_an_outputs_loss_or_metrics_means_none_as_in_compile(kwargs):
+    """Keras takes ``None`` for an output that has no loss (or no metrics); tapeloop's dict form was a TypeError,
+    and a loss weight for that output an unknown-key error."""
+    x, y = helpers.example1_data(32)
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
+    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    assert_history_close(ours, theirs, {"loss": "loss"})
+    assert sorted(ours) == ["loss", "lr", "regression_output"]
+    assert_weights_close(model, twin)

@@ -90,6 +90,8 @@ class MetricSpec:
         for key, value in metrics.items():
             if not isinstance(key, str) or not key:
                 raise TypeError(f"{what} keys must be non-empty str; got {key!r}.")
+            if value is None:  # none for this output, as Keras
+                continue
             if isinstance(value, (list, tuple)):
                 entries = list(value)
             elif isinstance(value, (str, keras.metrics.Metric)):

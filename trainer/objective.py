@@ -50,6 +50,11 @@ class Objective:
         self._entries: dict[str | None, Callable] = {}
         self._top_level_keras: object = None
         self._outputs: list[str] = []  # the model's output names, in its order (bind_outputs)
+        without_loss = {name for name, fn in loss.items() if fn is None} if isinstance(loss, Mapping) else set()
+        if without_loss:  # Keras' None for an output without a loss: no loss, and its weight weighs nothing
+            loss = {name: fn for name, fn in loss.items() if fn is not None} or None
+            if isinstance(loss_weights, Mapping):
+                loss_weights = {k: w for k, w in loss_weights.items() if k not in without_loss}
         if loss is None:
             pass  # the model's own losses alone (Keras' compile without a loss): checked on the first batch
         elif isinstance(loss, Mapping):

@@ -101,7 +101,7 @@ def by_output_order(what: str, value: object, model: object, *, per_output: bool
             f"`{what}` is a list of {len(value)} but the model has {len(outputs)} outputs ({names(outputs)}); give "
             "one entry per output, in that order, or a dict by output name."
         )
-    return {name: entry for name, entry in zip(outputs, value) if entry is not None}
+    return dict(zip(outputs, value))  # None: no loss (weight, metrics) for that output, as the dict form
 
 
 def no_lists(structure: object) -> object:
