@@ -130,8 +130,9 @@ class MetricSpec:
         if len(output_names) != 1:
             what = next(iter(self._unbound))
             raise ValueError(
-                f"`{what}` is a list, which applies to a single-output model, but the model has "
-                f"{len(output_names)} outputs ({names(output_names)}); give a dict {{output: [metrics]}}."
+                f"`{what}` is a list, which applies to a single-output model (or, as Keras, holds one metric per "
+                f"output), but the model has {len(output_names)} outputs ({names(output_names)}); give a dict "
+                "{output: [metrics]}."
             )
         for what, entries in self._unbound.items():
             (self.per_output if what == "metrics" else self.weighted)[output_names[0]] = entries

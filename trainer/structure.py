@@ -79,12 +79,15 @@ def by_output_order(what: str, value: object, model: object, *, per_output: bool
     """Keras compile's list form of ``loss``, ``loss_weights`` or ``metrics`` — one entry per output in
     ``model.output_names`` order, None for none — as the dict by output name tapeloop takes; other values as given.
 
-    ``per_output=False`` (``metrics``) converts only a list of lists: a flat list is Keras' one-output form.
+    ``per_output=False`` (``metrics``): a list of lists, or a flat list of one metric per output of a model with
+    several (as Keras); another flat list is Keras' one-output form.
     """
-    flat = not per_output and not all(entry is None or isinstance(entry, (list, tuple)) for entry in value or [])
-    if not isinstance(value, (list, tuple)) or not value or flat:
+    if not isinstance(value, (list, tuple)) or not value:
         return value
     outputs = list(getattr(model, "output_names", None) or [])
+    nested = all(entry is None or isinstance(entry, (list, tuple)) for entry in value)
+    if not (per_output or nested or (len(outputs) > 1 and len(value) == len(outputs))):
+        return value
     single = _single_output_layer(model)
     if len(value) == 1 and len(outputs) < 2 and single is not None:
         return value[0]  # Keras' list form for a one-output model (a Sequential has no output_names): the entry
