@@ -380,3 +380,23 @@ def test_terminate_on_nan_is_preceded_by_nan_policy_which_keeps_the_last_good_we
     Trainer(before, optimizer=keras.optimizers.SGD(0.05), loss="mse").fit(x[:16], y[:16], batch_size=8,
                                                                          shuffle=False, progress=False)  # fmt: skip
     assert_weights_close(model, before)
+
+
+def test_a_compiled_model_used_as_a_layer_keeps_its_compile_metrics_to_itself_as_in_fit():
+    """Transfer learning with a compiled (e.g. loaded) base model: Keras logs the layers' own metrics but not a
+    nested model's loss tracker and compile metrics; neither does tapeloop (they would collide with `loss`)."""
+    x, y = _data(48, 1)
+    keras.utils.set_random_seed(0)
+    inp = layers.Input((5,))
+    base = keras.Model(inp, layers.Dense(4)(inp))
+    base.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    base.fit(x, x[:, :4], verbose=0)
+    outer_input = layers.Input((5,))
+    model = keras.Model(outer_input, layers.Dense(1)(base(outer_input)))
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    theirs = twin.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    ours = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False).history
+    assert sorted(ours) == ["loss", "lr"] and sorted(theirs) == ["loss"]
+    assert_history_close(ours, theirs, {"loss": "loss"})

@@ -87,8 +87,13 @@ class ModelCall:
         layer), by name: logged as ``Model.fit`` logs them. A model's own metric attributes are left out: a custom
         ``train_step`` updates those, and the Trainer does not call it."""
         found: dict[str, keras.metrics.Metric] = {}
-        layers = self.model.layers if isinstance(self.model, keras.Model) else []
-        for layer in layers:
+        if not isinstance(self.model, keras.Model):
+            return found
+        # Keras' rule (Trainer.metrics): every nested layer's metrics, but not a nested model's own (a compiled
+        # base model's loss tracker and compile metrics belong to its own fit).
+        for layer in self.model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.Model):
+                continue
             for metric in layer.metrics:
                 if found.get(metric.name, metric) is not metric:
                     raise ValueError(f"Two metrics in the model's layers are named {metric.name!r}; rename one.")
