@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras import layers
 
 import losses
+from trainer import Trainer
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 RTOL, ATOL = 1e-5, 1e-6  # tapeloop against Keras on the same model, data and order
@@ -111,6 +112,17 @@ def clone(model: keras.Model) -> keras.Model:
     twin = keras.models.clone_model(model)
     twin.set_weights(model.get_weights())
     return twin
+
+
+def fit_both(model: keras.Model, x, y, **compile_kwargs) -> tuple[dict, dict, keras.Model]:
+    """``model`` trained by a Trainer and its clone by ``Model.fit``, each with SGD(0.05) and ``compile_kwargs``
+    (batches of 8, 2 epochs, in order); returns (our history, Keras' history, the clone)."""
+    twin = clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), **compile_kwargs)
+    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **compile_kwargs)
+    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    return ours, theirs, twin
 
 
 def weights(model: keras.Model) -> list[np.ndarray]:

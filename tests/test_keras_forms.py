@@ -386,11 +386,7 @@ def test_none_for_an_outputs_loss_or_metrics_means_none_as_in_compile(kwargs):
     and a loss weight for that output an unknown-key error."""
     x, y = helpers.example1_data(32)
     model = helpers.example1()
-    twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    ours, theirs, twin = helpers.fit_both(model, x, y, **kwargs)
     assert_history_close(ours, theirs, {"loss": "loss"})
     assert sorted(ours) == ["loss", "lr", "regression_output"]
     assert_weights_close(model, twin)
@@ -401,14 +397,11 @@ def test_a_flat_metrics_list_with_one_metric_per_output_is_compiles_per_output_f
     x, y = helpers.example1_data(32)
     kwargs = {"loss": ["mse", "categorical_crossentropy"], "metrics": ["mae", "accuracy"]}
     model = helpers.example1()
-    twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
-    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    ours = ours.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    ours, theirs, twin = helpers.fit_both(model, x, y, **kwargs)
     keys = {f"{out}/{metric}": f"{out}_{metric}" for out, metric in LIST_ORDER}
     assert_history_close(ours, theirs, {"loss": "loss", **keys})
     assert {key for key in ours if "/" in key} == set(keys)
+    assert_weights_close(model, twin)
 
 
 LIST_ORDER = [("regression_output", "mae"), ("classification_output", "accuracy")]  # model.output_names' order

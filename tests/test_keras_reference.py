@@ -168,11 +168,7 @@ def test_compiles_list_forms_of_loss_loss_weights_and_metrics_match_fit():
         "metrics": [["mae"], ["accuracy"]],
     }
     model = helpers.example1()
-    twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **kwargs)
-    ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
+    ours, theirs, twin = helpers.fit_both(model, x, y, **kwargs)
     keys = {"loss": "loss", "regression_output/mae": "regression_output_mae"}
     keys.update({"classification_output/accuracy": "classification_output_accuracy"})
     keys.update({k: f"{k}_loss" for k in ("regression_output", "classification_output")})
