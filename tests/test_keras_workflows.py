@@ -400,3 +400,39 @@ def test_a_compiled_model_used_as_a_layer_keeps_its_compile_metrics_to_itself_as
     ours = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False).history
     assert sorted(ours) == ["loss", "lr"] and sorted(theirs) == ["loss"]
     assert_history_close(ours, theirs, {"loss": "loss"})
+
+
+class AboveRate(keras.metrics.Metric):
+    """A custom metric written as keras.io writes them: a required argument and no ``get_config``."""
+
+    def __init__(self, threshold, name="above_rate", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.hits = self.add_variable(shape=(), initializer="zeros", name="hits")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        above = keras.ops.cast(y_pred > self.threshold, "float32")
+        self.hits.assign_add(keras.ops.sum(above))
+        self.count.assign_add(keras.ops.cast(keras.ops.size(above), "float32"))
+
+    def result(self):
+        return self.hits / keras.ops.maximum(self.count, 1.0)
+
+
+def test_a_custom_metric_without_get_config_is_used_itself_as_fit_uses_it():
+    """Its config cannot rebuild it (TypeError: missing 'threshold'); tapeloop now uses the object, as Keras does."""
+    x, y = _data(64, 2)
+    runs = {}
+    for who in ("keras", "tapeloop"):
+        model, metric = _model(), AboveRate(0.5)
+        if who == "keras":
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=[metric])
+            history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_data=(x, y))
+        else:
+            trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.01), loss="mse", metrics=[metric])
+            history = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False, validation_data=(x, y))
+        runs[who] = (history.history, float(metric.result()))
+    keys = ("above_rate", "val_above_rate", "loss")
+    assert_history_close(runs["tapeloop"][0], runs["keras"][0], {key: key for key in keys})
+    assert runs["tapeloop"][1] == pytest.approx(runs["keras"][1])  # the object holds the last evaluation's value

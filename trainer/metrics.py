@@ -29,9 +29,13 @@ def _metric_names() -> list[str]:
 
 
 def _resolve(identifier: object, y_true: tf.Tensor, y_pred: tf.Tensor, output: str) -> keras.metrics.Metric:
-    """A fresh Keras metric object for ``identifier`` on this output/target pair."""
+    """A fresh Keras metric object for ``identifier`` on this output/target pair; a Metric object that its config
+    cannot rebuild (a custom metric without ``get_config``) is used itself, in every mode, as Keras uses it."""
     if isinstance(identifier, keras.metrics.Metric):
-        return type(identifier).from_config(identifier.get_config())
+        try:
+            return type(identifier).from_config(identifier.get_config())
+        except (TypeError, ValueError):
+            return identifier
     if isinstance(identifier, str):
         if identifier.lower() in ("accuracy", "acc"):
             is_binary, is_sparse = binary_or_sparse(y_true, y_pred)
