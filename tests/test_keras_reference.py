@@ -276,6 +276,24 @@ def test_a_dataset_of_keras_x_y_sample_weight_batches_matches_fit():
     assert_weights_close(model, twin)
 
 
+def test_a_dataset_of_float64_arrays_reaches_a_callable_loss_as_float32_as_fit_gives_its_losses():
+    """``from_tensor_slices`` on NumPy's float64: Keras' losses cast the targets to float32 (and numpy input is cast
+    by both); a callable reading ``outputs["output"] - targets["output"]`` failed on float32 - float64."""
+    x, y, _ = _regression()
+    dataset = tf.data.Dataset.from_tensor_slices((x.astype("float64"), y.astype("float64"))).batch(8)
+    model = _single_output()
+    twin = helpers.clone(model)
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss=lambda t, p: tf.reduce_mean(tf.square(p - t)))
+    theirs = twin.fit(dataset, epochs=2, verbose=0).history
+
+    def loss(outputs, targets):
+        return tf.reduce_mean(tf.square(outputs["output"] - targets["output"]))
+
+    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=loss).fit(dataset, epochs=2, verbose=0).history
+    assert_history_close(ours, theirs, {"loss": "loss"})
+    assert_weights_close(model, twin)
+
+
 @pytest.mark.parametrize("element", ["(x, (y1, y2))", "(x, (y1, y2), (w1, w2))", "(x, {name: y}, w)"])
 def test_a_dataset_of_keras_multi_output_batches_matches_fit(element):
     """Targets and sample weights in a dataset element as Model.fit reads them: a tuple in output order, a dict by

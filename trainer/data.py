@@ -32,6 +32,19 @@ def _as_array(value: Any) -> np.ndarray:
     return array
 
 
+def _float32(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A dataset's float64 tensors (NumPy's default float) as float32, as numpy input is cast: Keras' losses cast
+    targets to float32 themselves, and tapeloop's callables see them as given."""
+    if not any(spec.dtype == tf.float64 for spec in tf.nest.flatten(dataset.element_spec)):
+        return dataset
+
+    def cast(*element: Any) -> Any:  # tf.data passes a tuple element's parts as arguments
+        cast_ = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype == tf.float64 else t, element)
+        return cast_ if isinstance(dataset.element_spec, tuple) else cast_[0]
+
+    return dataset.map(cast)
+
+
 def _leaves(structure: Any, prefix: str) -> list[tuple[str, Any]]:
     if isinstance(structure, Mapping):
         return [pair for key, value in structure.items() for pair in _leaves(value, f"{prefix}[{key!r}]")]
@@ -110,13 +123,14 @@ class Data:
     def _check_dataset(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         spec = dataset.element_spec
         if not self.with_targets:  # the inputs: x of (x, targets) and of Keras' (x,), (x, y), (x, y, sample_weight)
-            return dataset.map(lambda x, *rest: x) if isinstance(spec, tuple) and len(spec) <= 3 else dataset
+            inputs = dataset.map(lambda x, *rest: x) if isinstance(spec, tuple) and len(spec) <= 3 else dataset
+            return _float32(inputs)
         if not _element_tuple(spec):
             raise DataError(
                 f"{self.what}: each dataset element must be {_SHAPE_HINT} with the targets a dict keyed by name; "
                 f"got elements of spec {spec}."
             )
-        return dataset
+        return _float32(dataset)
 
     def _check_arrays(self, source: Any) -> Any:
         if self.with_targets:
