@@ -405,3 +405,14 @@ def test_a_flat_metrics_list_with_one_metric_per_output_is_compiles_per_output_f
 
 
 LIST_ORDER = [("regression_output", "mae"), ("classification_output", "accuracy")]  # model.output_names' order
+
+
+def test_keras_loss_and_metric_classes_are_instantiated_as_compile_does():
+    """``compile(loss=keras.losses.MeanSquaredError, metrics=[keras.metrics.MeanAbsoluteError])`` (classes, not
+    objects): Keras makes one of each; tapeloop called the class as a loss(outputs, targets)."""
+    x, y = X, X[:, :3]
+    model = _one_output("functional")
+    kwargs = {"loss": keras.losses.MeanSquaredError, "metrics": [keras.metrics.MeanAbsoluteError]}
+    ours, theirs, twin = helpers.fit_both(model, x, y, **kwargs)
+    assert_history_close(ours, theirs, {"loss": "loss", "mean_absolute_error": "mean_absolute_error"})
+    assert_weights_close(model, twin)

@@ -117,6 +117,8 @@ class MetricSpec:
 
     @staticmethod
     def _entries(where: str, entries: list[object]) -> list[object]:
+        # A Metric class is one of its kind, as Keras' compile makes it (metrics=[keras.metrics.AUC]).
+        entries = [e() if isinstance(e, type) and issubclass(e, keras.metrics.Metric) else e for e in entries]
         for entry in entries:
             if not (isinstance(entry, (str, keras.metrics.Metric)) or callable(entry)):
                 raise TypeError(f"{where} holds {entry!r}; expected a metric name or Metric object.")

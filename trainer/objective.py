@@ -35,6 +35,11 @@ def _is_keras_function(fn: object) -> bool:
     return callable(fn) and not isinstance(fn, type) and module.split(".")[0] == "keras"
 
 
+def _instance(loss: object) -> object:
+    """A Keras Loss class is one of its kind, as Keras' compile makes it (``loss=keras.losses.Huber``)."""
+    return loss() if isinstance(loss, type) and issubclass(loss, keras.losses.Loss) else loss
+
+
 class Objective:
     """Named losses → components → weighted total.
 
@@ -47,6 +52,9 @@ class Objective:
     """
 
     def __init__(self, loss: object, loss_weights: Mapping[str, float] | None = None) -> None:
+        if isinstance(loss, Mapping):
+            loss = {name: _instance(fn) for name, fn in loss.items()}
+        loss = _instance(loss)
         self._entries: dict[str | None, Callable] = {}
         self._top_level_keras: object = None
         self._outputs: list[str] = []  # the model's output names, in its order (bind_outputs)
