@@ -11,7 +11,7 @@ from keras import layers
 
 from tests import helpers
 from tests.helpers import assert_history_close, assert_weights_close
-from trainer import DataError, Trainer
+from trainer import DataError, ShapeMismatchError, Trainer
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(64, 5)).astype("float32")
@@ -416,3 +416,19 @@ def test_keras_loss_and_metric_classes_are_instantiated_as_compile_does():
     ours, theirs, twin = helpers.fit_both(model, x, y, **kwargs)
     assert_history_close(ours, theirs, {"loss": "loss", "mean_absolute_error": "mean_absolute_error"})
     assert_weights_close(model, twin)
+
+
+def test_a_target_that_only_broadcasts_against_the_output_is_refused_where_fit_trains_on_it():
+    """Pinned difference: targets (B, 1) against an output (B, 3) with "mse" — Model.fit broadcasts and trains every
+    column toward the one target, silently; tapeloop names both shapes before any update."""
+    x, y = X, X[:, :1]
+    twin = _one_output("functional")
+    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    broadcast = np.mean((twin.predict(x, verbose=0) - y) ** 2)
+    assert twin.evaluate(x, y, verbose=0) == pytest.approx(broadcast, rel=1e-5)  # Keras: the broadcast mean
+    model = _one_output("functional")
+    before = helpers.weights(model)
+    message = r"Output 'output' has shape \(32, 3\) but its target 'output' has shape \(32, 1\)"
+    with pytest.raises(ShapeMismatchError, match=message):
+        Trainer(model, loss="mse").fit(x, y, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(before, helpers.weights(model)))
