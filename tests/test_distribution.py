@@ -363,3 +363,13 @@ def test_the_keras_io_endpoint_layers_own_loss_and_metric_on_two_replicas_equal_
         np.testing.assert_allclose(h2[key], h1[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for a, b in zip(w1, w2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_plain_function_model_under_a_strategy_is_named_before_any_update():
+    """Its variables would be found as per-device copies (the run failed with 'nothing to train')."""
+    with mirrored().scope():
+        w = tf.Variable(tf.zeros([3, 1]))
+    trainer = Trainer(lambda x: {"y": tf.matmul(x, w)}, loss={"y": "mse"}, strategy=mirrored())
+    with pytest.raises(TypeError, match=r"A plain function as the model cannot be distributed.*tf\.Module"):
+        trainer.fit(np.ones((8, 3), "float32"), {"y": np.ones((8, 1), "float32")}, progress=False)
+    assert np.all(w.numpy() == 0.0)

@@ -43,6 +43,12 @@ class ModelCall:
     def __call__(self, inputs: Any, training: bool) -> dict[str, tf.Tensor]:
         model = self.model
         discover = self._read is None and tf.executing_eagerly()
+        if discover and tf.distribute.has_strategy():
+            raise TypeError(
+                "A plain function as the model cannot be distributed: under a tf.distribute strategy its variables "
+                "are seen as per-device copies, not the distributed variables to train. Wrap it in a tf.Module (its "
+                "variables as attributes, the function as __call__) or use a keras.Model."
+            )
         try:
             with tf.GradientTape() if discover else contextlib.nullcontext() as tape:
                 value = model(inputs, training=training) if self._training_arg else model(inputs)
