@@ -432,3 +432,22 @@ def test_a_target_that_only_broadcasts_against_the_output_is_refused_where_fit_t
     with pytest.raises(ShapeMismatchError, match=message):
         Trainer(model, loss="mse").fit(x, y, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(before, helpers.weights(model)))
+
+
+def test_y_as_a_list_for_a_dict_output_model_follows_keras_output_order():
+    """A functional model with dict outputs ``{"b": ..., "a": ...}``: Keras' ``output_names`` are sorted (a, b) and
+    compile's lists and ``y=[...]`` follow them; tapeloop keyed ``y`` by the dict's insertion order (b, a), silently
+    swapping two targets of the same shape."""
+    x = X[:, :3]
+    y = [x[:, :1] * 3.0, x[:, 1:2] - 2.0]  # targets for a, then b
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((3,))
+        return keras.Model(inputs, {"b": layers.Dense(1, name="b")(inputs), "a": layers.Dense(1, name="a")(inputs)})
+
+    model = build()
+    assert model.output_names == ["a", "b"]
+    ours, theirs, twin = helpers.fit_both(model, x, y, loss=["mse", "mae"])
+    assert_history_close(ours, theirs, {"loss": "loss", "a": "a_loss", "b": "b_loss"})
+    assert_weights_close(model, twin)

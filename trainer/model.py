@@ -107,10 +107,13 @@ class ModelCall:
         return found
 
     def output_names(self, inputs: Any, strategy: tf.distribute.Strategy) -> list[str]:
-        """The model's output names, from one eager forward pass that changes no state (cached)."""
+        """The model's output names in the order Keras reads ``y=[...]`` in (``model.output_names``, sorted for a dict
+        of outputs), from one eager forward pass that changes no state (cached)."""
         if self._names is None:
             with strategy.scope(), preserved(self.state()):
-                self._names = list(self(inputs, training=False))
+                names = list(self(inputs, training=False))
+            keras_order = list(getattr(self.model, "output_names", None) or [])
+            self._names = keras_order if sorted(keras_order) == sorted(names) else names
         return self._names
 
     def state(self) -> list[tf.Variable]:

@@ -33,8 +33,8 @@ __all__ = [
 
 
 def as_output_dict(value: object, output_names: Sequence[str] | None) -> dict[str, tf.Tensor]:
-    """Key a model's return value: a dict of tensors as is, a list/tuple by ``output_names`` (none:
-    ``output_1``, ``output_2``, ...), a single tensor as ``"output"``."""
+    """Key a model's return value: a dict of tensors as is, a list/tuple by ``output_names`` (none: ``output_1``,
+    ``output_2``, ...), a single tensor as ``"output"``."""
     if isinstance(value, Mapping):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
