@@ -1,6 +1,7 @@
 """Held against keras.io's examples run under Model.fit as printed there: the VAE (its own train_step), knowledge
-distillation (its Distiller's compute_loss), each against the same objective written as a tapeloop loss, and the
-endpoint layer (add_loss and a metric inside a layer, compile without a loss), run as printed."""
+distillation (its Distiller's compute_loss), each against the same objective written as a tapeloop loss; the
+endpoint layer (add_loss and a metric inside a layer, compile without a loss) and the Functional API guide's
+multi-input, multi-output model, run as printed."""
 
 import keras
 import numpy as np
@@ -259,3 +260,44 @@ def test_no_loss_and_a_model_without_losses_is_named_before_any_update():
     with pytest.raises(ValueError, match=r"no `loss` was given and the model has no losses of its own \(add_loss\)"):
         Trainer(model).fit(np.zeros((4, 3), "float32"), np.zeros((4, 1), "float32"), progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(before, helpers.weights(model)))
+
+
+# -- keras.io "The Functional API": the multi-input, multi-output model ------------------------------------------------
+
+
+def _ticket_model() -> keras.Model:
+    """keras.io's ticket classifier (title, body, tags -> priority, department), smaller; its outputs a dict."""
+    keras.utils.set_random_seed(0)
+    title, body = keras.Input(shape=(None,), name="title"), keras.Input(shape=(None,), name="body")
+    tags = keras.Input(shape=(12,), name="tags")
+    title_features = layers.LSTM(8)(layers.Embedding(100, 16)(title))
+    body_features = layers.LSTM(8)(layers.Embedding(100, 16)(body))
+    x = layers.concatenate([title_features, body_features, tags])
+    outputs = {"priority": layers.Dense(1, name="priority")(x), "department": layers.Dense(4, name="department")(x)}
+    return keras.Model(inputs=[title, body, tags], outputs=outputs)
+
+
+@pytest.mark.parametrize("form", ["dicts", "lists"])
+def test_the_keras_io_multi_input_multi_output_model_matches_fit(form):
+    """As printed (dicts), and compile's lists with ``y=[...]``, which follow ``model.output_names`` — sorted for a
+    dict of outputs: department, then priority (the lists were read in the dict's order, b before a: swapped)."""
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(100, size=(64, 10)), rng.integers(100, size=(64, 20)), rng.integers(2, size=(64, 12))]
+    priority, department = rng.random(size=(64, 1)), rng.integers(2, size=(64, 4))
+    bce, cce = keras.losses.BinaryCrossentropy(from_logits=True), keras.losses.CategoricalCrossentropy(from_logits=True)
+    if form == "dicts":
+        x = dict(zip(("title", "body", "tags"), inputs))
+        y, kwargs = (
+            {"priority": priority, "department": department},
+            {"loss": {"priority": bce, "department": cce}, "loss_weights": {"priority": 1.0, "department": 0.2}},
+        )
+    else:
+        x, y, kwargs = inputs, [department, priority], {"loss": [cce, bce], "loss_weights": [0.2, 1.0]}
+    reference = _ticket_model()
+    reference.compile(optimizer=keras.optimizers.RMSprop(1e-3), **kwargs)
+    theirs = reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history
+    model = _ticket_model()
+    trainer = Trainer(model, optimizer=keras.optimizers.RMSprop(1e-3), **kwargs)
+    ours = trainer.fit(x, y, batch_size=32, epochs=2, shuffle=False, progress=False).history
+    assert_history_close(ours, theirs, {"loss": "loss", "priority": "priority_loss", "department": "department_loss"})
+    assert_weights_close(model, reference)
