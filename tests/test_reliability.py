@@ -221,6 +221,31 @@ def test_a_resume_mid_epoch_with_another_batch_size_warns(tmp_path):
     assert trainer.global_step == 12 + 0 + 4  # epoch 2 had no step left at 4 of 4, epoch 3 ran its 4
 
 
+def test_a_resume_with_another_learning_rate_or_loss_weights_warns_and_continues_with_the_checkpoints(tmp_path):
+    """The checkpoint's optimizer (its learning rate) and loss weights were restored over the new Trainer's, silently:
+    a user resuming "with a lower learning rate" trained at the old one. Resuming exactly stays the rule (as Keras'
+    BackupAndRestore restores the optimizer); the warning names both values and how to change them."""
+    x, y = helpers.small_data()
+
+    def trainer(lr, weight):
+        return Trainer(helpers.small_model(), optimizer=keras.optimizers.Adam(lr), loss={"output": "mse"},
+                       loss_weights={"output": weight}, seed=9)  # fmt: skip
+
+    trainer(0.02, 1.0).fit((x, y), batch_size=6, epochs=1, progress=False, checkpoint_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the same settings: no warning
+        trainer(0.02, 1.0).fit((x, y), batch_size=6, epochs=2, progress=False, checkpoint_dir=tmp_path)
+    resumed = trainer(0.001, 3.0)
+    message = (
+        r"written with learning_rate=0\.02 and loss_weights=\{'output': 1\.0\}; this Trainer was given "
+        r"learning_rate=0\.001 and loss_weights=\{'output': 3\.0\}\. Training continues with the checkpoint's"
+    )
+    with pytest.warns(RuntimeWarning, match=message):
+        history = resumed.fit((x, y), batch_size=6, epochs=3, progress=False, checkpoint_dir=tmp_path).history
+    assert history["lr"][-1] == pytest.approx(0.02)
+    assert float(resumed.loss_weights["output"].numpy()) == 1.0
+
+
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):
     model = helpers.small_model()
     trainer, _ = _fit(model, tmp_path, epochs=2)

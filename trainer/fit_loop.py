@@ -14,7 +14,7 @@ import dataclasses
 import math
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,9 @@ class FitLoop(BlockHooks):
         callbacks: CallbackList,
         history: History,
         checkpointer: Checkpointer | None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
+        self.settings = dict(settings or {})  # what the Trainer was given that a checkpoint's state overrides
         self.runner = runner
         self.epochs = epochs
         self.validation = validation
@@ -118,6 +120,7 @@ class FitLoop(BlockHooks):
                 "steps_per_epoch": self.epochs.steps,
                 "history": self.history.history,
                 "callbacks": callback_states(self.callbacks.callbacks),
+                "settings": self.settings,
             }
             iterator = self.epochs.saved_iterator()
             self.checkpointer.save(step, meta, {} if iterator is None else {ITERATOR: iterator})
@@ -156,6 +159,7 @@ class FitLoop(BlockHooks):
                 RuntimeWarning,
                 stacklevel=4,  # the user's fit call
             )
+        self._check_settings(meta.get("settings"))
         self.epochs.resume(position, restored["iterator"])
         self.runner.global_step = self._saved_step = int(meta["global_step"])
         self.history.restore(meta["history"])
@@ -164,6 +168,25 @@ class FitLoop(BlockHooks):
             if hasattr(callback, "on_resume"):
                 callback.on_resume(meta["history"], self.runner.global_step, position.epoch_steps)
         return position.epoch
+
+    def _check_settings(self, saved: Mapping[str, Any] | None) -> None:
+        """A resume restores the optimizer (its learning rate) and the loss weights: warn when the Trainer was given
+        other values than the run that wrote the checkpoint (they would be replaced silently otherwise)."""
+        keys = [key for key in self.settings if saved and key in saved and saved[key] != self.settings[key]]
+        if not keys:
+            return
+
+        def said(values: Mapping[str, Any]) -> str:
+            return " and ".join(f"{key}={values[key]!r}" for key in keys)
+
+        warnings.warn(
+            f"The checkpoint was written with {said(saved)}; this Trainer was given {said(self.settings)}. Training "
+            "continues with the checkpoint's (an exact resume, as Keras' BackupAndRestore restores the optimizer). "
+            "To change them, assign trainer.optimizer.learning_rate or trainer.loss_weights[key] in a callback's "
+            "on_train_begin (it runs after the restore), or start a new run in another checkpoint_dir.",
+            RuntimeWarning,
+            stacklevel=4,  # the user's fit call
+        )
 
     # -- the loop -------------------------------------------------------------------------------------------------
 

@@ -102,6 +102,11 @@ class Objective:
         self.keys: list[str] = []
         self._name_of: dict[str, str | None] = {}
 
+    @property
+    def initial_weights(self) -> dict[str, float]:
+        """``loss_weights`` as given (before schedules, weightings or a restore change the variables)."""
+        return dict(self._initial_weights)
+
     def _only_key(self) -> str:
         """The key a single loss weight applies to: the one loss's name, or the total for an unnamed loss."""
         if len(self._entries) > 1:

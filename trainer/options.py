@@ -145,3 +145,13 @@ def checkpoint_period(checkpoint_dir: object, checkpoint_every: object) -> int |
     if checkpoint_dir is None:
         raise ValueError("`checkpoint_every` needs `checkpoint_dir`: where should the checkpoints go?")
     return positive_int("checkpoint_every", checkpoint_every)
+
+
+def learning_rate_setting(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The learning rate an optimizer was given, as its config holds it (a schedule's config for a schedule), for a
+    resume to compare with the checkpoint's: a number to 7 significant digits (no float32 noise)."""
+    try:
+        value = optimizer.get_config().get("learning_rate")
+    except Exception:  # an optimizer without a Keras config: nothing to compare
+        return None
+    return float(f"{value:.7g}") if isinstance(value, (int, float)) else value

@@ -39,6 +39,7 @@ from trainer.options import (
     check_same_variables,
     checkpoint_period,
     choice,
+    learning_rate_setting,
     make_optimizer,
     non_negative_int,
     optional,
@@ -133,6 +134,11 @@ class Trainer:
             by_output_order("metrics", metrics, model, per_output=False),
             by_output_order("weighted_metrics", weighted_metrics, model, per_output=False),
         )
+        # What a resumed fit replaces with the checkpoint's state, and warns about when it differs.
+        self._settings = {
+            "learning_rate": learning_rate_setting(self.optimizer),
+            "loss_weights": self._objective.initial_weights,
+        }
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._predictor: Predictor | None = None
@@ -329,7 +335,7 @@ class Trainer:
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(step_periods(sources, self.steps_per_execution))
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
-        loop = FitLoop(runner, epochs_runner, validation, callbacks, history, checkpointer)
+        loop = FitLoop(runner, epochs_runner, validation, callbacks, history, checkpointer, self._settings)
         try:
             loop.run(epochs, initial_epoch)
         finally:
