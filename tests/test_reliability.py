@@ -237,13 +237,22 @@ def test_a_resume_with_another_learning_rate_or_loss_weights_warns_and_continues
         trainer(0.02, 1.0).fit((x, y), batch_size=6, epochs=2, progress=False, checkpoint_dir=tmp_path)
     resumed = trainer(0.001, 3.0)
     message = (
-        r"written with learning_rate=0\.02 and loss_weights=\{'output': 1\.0\}; this Trainer was given "
+        r"the checkpoint was given learning_rate=0\.02 and loss_weights=\{'output': 1\.0\}; this Trainer was given "
         r"learning_rate=0\.001 and loss_weights=\{'output': 3\.0\}\. Training continues with the checkpoint's"
     )
     with pytest.warns(RuntimeWarning, match=message):
         history = resumed.fit((x, y), batch_size=6, epochs=3, progress=False, checkpoint_dir=tmp_path).history
     assert history["lr"][-1] == pytest.approx(0.02)
     assert float(resumed.loss_weights["output"].numpy()) == 1.0
+    again = trainer(0.001, 1.0)  # the way to change it: after the restore
+
+    def lower(logs):
+        again.optimizer.learning_rate = 0.001
+
+    with pytest.warns(RuntimeWarning, match="learning_rate=0.001"):
+        history = again.fit((x, y), batch_size=6, epochs=4, progress=False, checkpoint_dir=tmp_path,
+                            callbacks=[keras.callbacks.LambdaCallback(on_train_begin=lower)]).history  # fmt: skip
+    assert history["lr"][-1] == pytest.approx(0.001)
 
 
 def test_finished_run_resumes_to_nothing_and_epochs_is_absolute(tmp_path):

@@ -175,13 +175,15 @@ class FitLoop(BlockHooks):
         keys = [key for key in self.settings if saved and key in saved and saved[key] != self.settings[key]]
         if not keys:
             return
+        given, self.settings = self.settings, {**self.settings, **saved}  # later checkpoints: the state's lineage
 
         def said(values: Mapping[str, Any]) -> str:
             return " and ".join(f"{key}={values[key]!r}" for key in keys)
 
         warnings.warn(
-            f"The checkpoint was written with {said(saved)}; this Trainer was given {said(self.settings)}. Training "
-            "continues with the checkpoint's (an exact resume, as Keras' BackupAndRestore restores the optimizer). "
+            f"The run that wrote the checkpoint was given {said(saved)}; this Trainer was given {said(given)}. "
+            "Training continues with the checkpoint's (an exact resume, as Keras' BackupAndRestore restores the "
+            "optimizer). "
             "To change them, assign trainer.optimizer.learning_rate or trainer.loss_weights[key] in a callback's "
             "on_train_begin (it runs after the restore), or start a new run in another checkpoint_dir.",
             RuntimeWarning,
