@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -154,4 +155,10 @@ def learning_rate_setting(optimizer: keras.optimizers.Optimizer) -> Any:
         value = optimizer.get_config().get("learning_rate")
     except Exception:  # an optimizer without a Keras config: nothing to compare
         return None
-    return float(f"{value:.7g}") if isinstance(value, (int, float)) else value
+    if isinstance(value, (int, float)):
+        return float(f"{value:.7g}")
+    try:  # a schedule's config goes into the checkpoint's JSON
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
