@@ -14,7 +14,7 @@ from keras import layers, ops
 
 from tests import helpers
 from tests.helpers import ATOL, RTOL, assert_history_close, assert_weights_close
-from trainer import DataError, Trainer
+from trainer import Trainer
 
 
 def _single_output(seed: int = 0, units: int = 1, activation=None) -> keras.Model:
@@ -294,36 +294,6 @@ def test_a_dataset_of_float64_arrays_reaches_a_callable_loss_as_float32_as_fit_g
     assert_weights_close(model, twin)
 
 
-@pytest.mark.parametrize("element", ["(x, (y1, y2))", "(x, (y1, y2), (w1, w2))", "(x, {name: y}, w)"])
-def test_a_dataset_of_keras_multi_output_batches_matches_fit(element):
-    """Targets and sample weights in a dataset element as Model.fit reads them: a tuple in output order, a dict by
-    output name, one weight for every output."""
-    x, y = helpers.example1_data(32)
-    in_order = (y["regression_output"], y["classification_output"])
-    rng = np.random.default_rng(2)
-    w1, w2 = rng.uniform(0.2, 2.0, 32).astype("float32"), rng.uniform(0.2, 2.0, 32).astype("float32")
-    parts = {"(x, (y1, y2))": (x, in_order), "(x, (y1, y2), (w1, w2))": (x, in_order, (w1, w2)),
-             "(x, {name: y}, w)": (x, y, w1)}[element]  # fmt: skip
-    dataset = tf.data.Dataset.from_tensor_slices(parts).batch(8)
-    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
-    model = helpers.example1()
-    twin = helpers.clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), loss=losses)
-    theirs = twin.fit(dataset, epochs=2, shuffle=False, verbose=0).history
-    ours = Trainer(model, optimizer=keras.optimizers.SGD(0.05), loss=losses).fit(dataset, epochs=2, verbose=0).history
-    assert_history_close(ours, theirs, {"loss": "loss", **{k: f"{k}_loss" for k in losses}})
-    assert_weights_close(model, twin)
-
-
-def test_a_dataset_whose_targets_do_not_fit_the_outputs_is_named():
-    x, y = helpers.example1_data(16)
-    three = (y["regression_output"], y["classification_output"], y["regression_output"])
-    dataset = tf.data.Dataset.from_tensor_slices((x, three)).batch(8)
-    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse"})
-    with pytest.raises(DataError, match=re.escape("y is a list of 3 arrays but the model has 2 outputs")):
-        trainer.fit(dataset, epochs=1, verbose=0)
-
-
 def test_a_keras_py_dataset_trains_evaluates_and_predicts_as_in_fit():
     x, y, _ = _regression(44)  # 6 batches of 8, the last of 4
     xv, yv, _ = _regression(20)
@@ -340,16 +310,6 @@ def test_a_keras_py_dataset_trains_evaluates_and_predicts_as_in_fit():
     assert (data.ends, val.ends) == (3, 3)  # once per pass (Keras 3.15 calls it 4 and 6 times here)
     assert trainer.evaluate(val)["loss"] == pytest.approx(twin.evaluate(theirs_val, verbose=0)[0], rel=RTOL)
     np.testing.assert_allclose(trainer.predict(val)["output"], twin.predict(theirs_val, verbose=0), rtol=RTOL)
-
-
-def test_a_python_generator_or_a_py_dataset_that_does_not_fit_the_outputs_is_named():
-    x, y = helpers.example1_data(16)
-    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse"})
-    with pytest.raises(DataError, match="a Python generator can be read only once"):
-        trainer.fit(((x[i : i + 8], y) for i in (0, 8)), epochs=1, verbose=0)
-    one_array = helpers.Batches(x, y["regression_output"], 8)
-    with pytest.raises(DataError, match=re.escape("y is one array but the model has 2 outputs")):
-        trainer.fit(one_array, epochs=1, verbose=0)
 
 
 def test_verbose_zero_prints_nothing_and_two_prints_a_line_per_epoch(capsys):
