@@ -114,13 +114,13 @@ def clone(model: keras.Model) -> keras.Model:
     return twin
 
 
-def fit_both(model: keras.Model, x, y, **compile_kwargs) -> tuple[dict, dict, keras.Model]:
-    """``model`` trained by a Trainer and its clone by ``Model.fit``, each with SGD(0.05) and ``compile_kwargs``
+def fit_both(model: keras.Model, x, y, optimizer=lambda: keras.optimizers.SGD(0.05), **compile_kwargs):
+    """``model`` trained by a Trainer and its clone by ``Model.fit``, each with ``optimizer()`` and ``compile_kwargs``
     (batches of 8, 2 epochs, in order); returns (our history, Keras' history, the clone)."""
     twin = clone(model)
-    twin.compile(optimizer=keras.optimizers.SGD(0.05), **compile_kwargs)
+    twin.compile(optimizer=optimizer(), **compile_kwargs)
     theirs = twin.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
-    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.05), **compile_kwargs)
+    trainer = Trainer(model, optimizer=optimizer(), **compile_kwargs)
     ours = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, progress=False).history
     return ours, theirs, twin
 

@@ -251,3 +251,67 @@ def test_loss_weight_schedule_rejects_unknown_keys():
     schedule = LossWeightSchedule(trainer, {"nosuch": lambda e: 1.0})
     with pytest.raises(ValueError, match="'nosuch' that are not loss weights; they are 'agreement', 'ce', 'mse'"):
         trainer.fit(helpers.example1_data(16), callbacks=[schedule], progress=False)
+
+
+# -- Keras' optimizers ----------------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "Adafactor": lambda: keras.optimizers.Adafactor(0.01),
+    "Ftrl": lambda: keras.optimizers.Ftrl(0.1, l1_regularization_strength=0.01),
+    "Lamb": lambda: keras.optimizers.Lamb(0.01),
+    "Lion": lambda: keras.optimizers.Lion(0.001),
+    "Muon": lambda: keras.optimizers.Muon(0.01),
+    "RMSprop-centered": lambda: keras.optimizers.RMSprop(0.01, centered=True, momentum=0.9),
+    "AdamW-global_clipnorm": lambda: keras.optimizers.AdamW(0.05, weight_decay=0.1, global_clipnorm=0.1),
+}
+
+
+def _regression_net() -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="relu")(inp))
+    return keras.Model(inp, keras.layers.Dense(2)(hidden)), x, (x @ rng.normal(size=(6, 2))).astype("float32")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_keras_optimizers_train_as_in_fit(name):
+    model, x, y = _regression_net()
+    ours, theirs, twin = helpers.fit_both(model, x, y, optimizer=OPTIMIZERS[name], loss="mse")
+    helpers.assert_history_close(ours, theirs, {"loss": "loss"})
+    helpers.assert_weights_close(model, twin)
+
+
+def test_schedule_free_adamw_starts_its_momentum_at_the_weights_where_fit_starts_it_at_zero():
+    """Pinned difference: ``ScheduleFreeAdamW.build`` sets each momentum to its variable's value. ``Model.fit``
+    (Keras 3.15, no distribution strategy) builds the optimizer inside the traced train function, in the trace
+    TensorFlow runs only to create variables, so that assignment never runs and the momentum starts at zero.
+    tapeloop builds it eagerly: it equals the optimizer's own ``apply_gradients`` step by step, as documented."""
+
+    def by_hand(zero_momentum: bool) -> list[np.ndarray]:
+        model, x, y = _regression_net()
+        optimizer = keras.optimizers.ScheduleFreeAdamW(0.01)
+        optimizer.build(model.trainable_variables)
+        for slot in optimizer.variables:
+            if zero_momentum and "momentum" in slot.path:
+                slot.assign(tf.zeros_like(slot))
+        for start in range(0, len(x), 8):
+            with tf.GradientTape() as tape:
+                loss = keras.losses.MeanSquaredError()(y[start : start + 8], model(x[start : start + 8], training=True))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return helpers.weights(model)
+
+    model, x, y = _regression_net()
+    Trainer(model, optimizer=keras.optimizers.ScheduleFreeAdamW(0.01), loss="mse").fit(
+        x, y, batch_size=8, shuffle=False, progress=False
+    )
+    twin, _, _ = _regression_net()
+    twin.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(0.01), loss="mse")
+    twin.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    for mine, theirs, documented, zero_start in zip(
+        helpers.weights(model), helpers.weights(twin), by_hand(False), by_hand(True), strict=True
+    ):
+        np.testing.assert_allclose(mine, documented, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(theirs, zero_start, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(helpers.weights(model)[0], helpers.weights(twin)[0], atol=1e-3)
