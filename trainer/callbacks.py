@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
+
+from trainer.errors import names
 
 __all__ = [
     "CallbackList",
@@ -28,6 +30,7 @@ __all__ = [
     "as_callbacks",
     "callback_model",
     "callback_states",
+    "follow_monitors",
     "restore_callback_states",
 ]
 
@@ -161,6 +164,7 @@ class CallbackList:
     def __init__(self, callbacks: Iterable[keras.callbacks.Callback], *, model: Any, params: dict[str, Any]) -> None:
         self.callbacks = list(callbacks)
         self.model = model
+        self._followed: list[keras.callbacks.Callback] = []
         for callback in self.callbacks:
             if not isinstance(callback, keras.callbacks.Callback):
                 raise TypeError(f"callbacks must be keras.callbacks.Callback objects, got {type(callback).__name__}.")
@@ -181,6 +185,18 @@ class CallbackList:
             callback.on_train_begin(logs)
         return _take_restored_epoch(self.model)
 
+    def follow_monitors(self, runner: Any, validation: bool) -> None:
+        """:func:`follow_monitors` over an epoch's logs as ``runner`` (a ``BlockRunner``) writes them; the modes it
+        sets are put back by :meth:`teardown`."""
+        tracker = runner.trackers["train"]
+        self._followed = follow_monitors(
+            self.callbacks,
+            train_keys=runner.log_keys("train"),
+            val_keys=runner.log_keys("eval") if validation else [],
+            losses=runner.steps.loss_keys,
+            metrics={**tracker.metrics, **tracker.layer_metrics},
+        )
+
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):
             raise AttributeError(hook)
@@ -200,13 +216,81 @@ class CallbackList:
 
     def teardown(self) -> None:
         """Always runs (from ``finally``): close progress bars and writers even when a step raised; the model's own
-        ``evaluate`` back (see :func:`callback_model`)."""
+        ``evaluate`` back (see :func:`callback_model`); monitoring callbacks' ``mode`` as given."""
         if isinstance(getattr(self.model, "evaluate", None), _KerasEvaluate):
             del self.model.evaluate
+        for callback in self._followed:
+            callback.mode = "auto"  # as it was given (its monitor_op stays resolved)
         for callback in self.callbacks:
             teardown = getattr(callback, "teardown", None)
             if teardown is not None:
                 teardown()
+
+
+def _keras_style(key: str, losses: Iterable[str]) -> str:
+    """Keras' log name for a logged key, by Keras' rule: ``out/mae`` -> ``out_mae``, an output's loss component
+    ``out`` -> ``out_loss`` (for the hint of an error only)."""
+    if "/" in key:
+        return key.replace("/", "_")
+    return f"{key}_loss" if key in losses and key not in ("loss", "regularization") else key
+
+
+def follow_monitors(
+    callbacks: Iterable[keras.callbacks.Callback],
+    *,
+    train_keys: Sequence[str],
+    val_keys: Sequence[str],
+    losses: Sequence[str],
+    metrics: Mapping[str, keras.metrics.Metric],
+) -> list[keras.callbacks.Callback]:
+    """Give Keras' monitoring callbacks (``EarlyStopping``, ``ModelCheckpoint``, ``ReduceLROnPlateau``) what a
+    compiled model gives them, before any update; returns those whose ``mode`` was set (to be put back to "auto").
+
+    With ``mode="auto"`` Keras looks the monitored value up in the compiled model's metrics for its direction, and
+    raises after the first epoch when it is not there — always, with a Trainer's model, which is not compiled.
+    Here a loss or a loss component is minimised (Keras' auto mode places only ``loss``), a Keras metric goes its
+    own way (its ``_direction``, Keras' rule), and anything else is an error asking for ``mode``. A key that is not
+    logged is an error when it is Keras' name for a logged one or needs validation data (it would never be found:
+    Keras warns every epoch and never stops), and in auto mode (Keras raises later). A ``ModelCheckpoint`` that
+    saves every epoch never reads its monitor (``val_loss`` by default): it is left alone.
+
+    Args:
+        train_keys: the keys of an epoch's training logs; ``val_keys``: of its validation logs (none without).
+        losses: the logged loss keys (the total, each component, ``regularization``).
+        metrics: Keras metric objects by logged key (their direction).
+    """
+    keys = [*train_keys, *(f"val_{key}" for key in val_keys)]
+    aliases = {_keras_style(key, losses): key for key in keys if _keras_style(key, losses) != key}
+    aliases.update({f"val_{alias}": f"val_{key}" for alias, key in list(aliases.items()) if f"val_{key}" in keys})
+    followed = []
+    for callback in callbacks:
+        monitor, mode = getattr(callback, "monitor", None), getattr(callback, "mode", None)
+        if not isinstance(monitor, str) or mode not in ("auto", "min", "max"):
+            continue
+        reads = getattr(callback, "save_best_only", True)  # a ModelCheckpoint that saves every epoch never reads it
+        if monitor not in keys and reads:
+            said = f"{type(callback).__name__} monitors {monitor!r}"
+            if monitor in aliases:
+                raise ValueError(f"{said}: that is Keras' name for {aliases[monitor]!r}; logged keys: {names(keys)}.")
+            if monitor.startswith("val_") and monitor[4:] in train_keys:
+                raise ValueError(f"{said}, which is logged only with validation data (validation_data=...).")
+            if mode == "auto":
+                raise ValueError(
+                    f"{said}, which tapeloop does not log (a key your own callback adds to the logs needs "
+                    f"mode='min' or mode='max'); logged keys: {names(keys)}."
+                )
+        if mode != "auto" or getattr(callback, "monitor_op", None) is not None:
+            continue
+        base = monitor.removeprefix("val_")
+        direction = "down" if base in losses else getattr(metrics.get(base), "_direction", None)
+        if direction is None and reads:
+            raise ValueError(
+                f"{type(callback).__name__} cannot tell whether {base!r} should go up or down (a loss goes down, a "
+                "Keras metric says which way it goes, other values do not): pass mode='min' or mode='max'."
+            )
+        callback.mode = "max" if direction == "up" else "min"
+        followed.append(callback)
+    return followed
 
 
 # Keras callbacks whose decisions depend on what they saw in earlier epochs: the attributes that hold it.

@@ -196,6 +196,7 @@ class FitLoop(BlockHooks):
         """Train to epoch ``epochs`` (absolute), from ``initial_epoch`` or, when a checkpoint is restored, from
         where it left off; returns the last epoch's logs."""
         runner, callbacks = self.runner, self.callbacks
+        callbacks.follow_monitors(runner, validation=self.validation is not None)  # may raise: before any update
         first = self.restore()
         resumed = first is not None  # from checkpoint_dir (exact to the step): it wins over a Keras backup
         if not resumed:

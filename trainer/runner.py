@@ -142,6 +142,11 @@ class BlockRunner:
                 logs["skipped_steps"] = float(self.steps.skipped.numpy())
         return logs
 
+    def log_keys(self, mode: str) -> list[str]:
+        """The keys of a mode's logs (:meth:`logs`)."""
+        extra = ["lr", *(["skipped_steps"] if self.nan_policy == "skip" else [])] if mode == "train" else []
+        return [*self.trackers[mode].keys, *extra]
+
     def trackables(self) -> dict[str, Any]:
         """What a checkpoint must hold of the runner: the training trackers and the skipped-step counters."""
         return {
