@@ -1,5 +1,7 @@
 """The loop: one trace, in-graph blocks, evaluate/predict, every kind of model, XLA and eager modes."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -245,3 +247,18 @@ def test_plain_function_model_without_variables_is_named():
     x = np.ones((4, 1), "float32")
     with pytest.raises(ValueError, match="read no trainable variable"):
         trainer.fit((x, {"y": x}), progress=False)
+
+
+@pytest.mark.parametrize(
+    "rate", [0.05, keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)], ids=["float", "schedule"]
+)
+def test_fit_evaluate_and_predict_run_under_warnings_as_errors(rate):
+    """``python -W error`` (or pytest's ``-W error``): reading the learning rate for ``lr`` went through Keras'
+    ``convert_to_numpy``, whose ``np.array`` on a variable NumPy 2 deprecates (a DeprecationWarning every epoch)."""
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    trainer = Trainer(_linear(), optimizer=keras.optimizers.SGD(rate), loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = trainer.fit(x, x[:, :2], batch_size=8, epochs=2, progress=False, validation_split=0.5).history
+        trainer.evaluate(x, x[:, :2]), trainer.predict(x)
+    assert history["lr"] == pytest.approx([0.05, 0.05] if rate == 0.05 else [0.05, 0.025])  # decay: 0.1·0.5^(step/2)

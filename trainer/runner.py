@@ -137,7 +137,8 @@ class BlockRunner:
             else {key: float(value) for key, value in self.trackers[mode].result().items()}
         )
         if mode == "train":
-            logs["lr"] = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))  # schedules: current value
+            # a tensor first: a schedule gives one, and np.array on a variable is deprecated in NumPy 2
+            logs["lr"] = float(keras.ops.convert_to_tensor(self.optimizer.learning_rate))  # schedules: current value
             if self.nan_policy == "skip":
                 logs["skipped_steps"] = float(self.steps.skipped.numpy())
         return logs
