@@ -185,3 +185,18 @@ def test_a_monitor_that_cannot_be_followed_is_named_before_any_update():
         keras.callbacks.ReduceLROnPlateau(monitor="gap"),
         r"ReduceLROnPlateau cannot tell whether 'gap' should go up or down .* pass mode='min' or mode='max'",
     )
+
+
+class _Score(keras.callbacks.Callback):
+    """Adds ``val_score`` to every epoch's logs: 1, 3, 2, 2, ... (best at the second epoch)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_score"] = [1.0, 3.0][epoch] if epoch < 2 else 2.0
+
+
+def test_a_key_a_callback_adds_is_monitored_with_a_mode():
+    x, y = helpers.example1_data(32)
+    stop = keras.callbacks.EarlyStopping(monitor="val_score", mode="max", patience=1)
+    trainer = Trainer(helpers.example1(), loss={"regression_output": "mse"})
+    history = trainer.fit(x, y, epochs=6, callbacks=[_Score(), stop], progress=False).history
+    assert history["val_score"] == [1.0, 3.0, 2.0] and stop.best == 3.0

@@ -114,7 +114,8 @@ def truth_of(box: np.ndarray, label: np.ndarray) -> list[tuple[np.ndarray, np.nd
 
 class EpochMAP(keras.callbacks.Callback):
     """Adds ``val_mAP@0.5`` and ``val_mAP@0.75`` (VOC all-point) to every epoch's logs, so they are in the History,
-    history.csv, TensorBoard and the plot (and ``EarlyStopping`` may monitor them)."""
+    history.csv, TensorBoard and the plot (``EarlyStopping(monitor="val_mAP@0.5", mode="max")`` may monitor them:
+    a key a callback adds has no direction tapeloop knows)."""
 
     def __init__(self, trainer, images: np.ndarray, box: np.ndarray, label: np.ndarray) -> None:
         super().__init__()
