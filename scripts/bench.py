@@ -19,6 +19,7 @@ seed-001 model) and large NumPy input (default 1.5 GB: time and peak memory). Ta
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -64,17 +65,31 @@ def two_head_data(n: int, batch: int) -> tf.data.Dataset:
 
 def timed_rounds(runs: dict, rounds: int, clock=time.perf_counter) -> dict[str, list[float]]:
     """Every runner's time per round: each ``run()`` (one epoch) once per round, in a new random order each round,
-    after one warm-up call each (tracing). ``clock``: wall time, or ``time.process_time`` (CPU time)."""
+    after one warm-up call each (tracing). ``clock``: wall time, or ``time.process_time`` (CPU time).
+
+    Python's garbage collector is off while a run is timed and collects between rounds (as ``timeit`` does): with
+    TensorFlow and a few models loaded a full collection takes ~0.3 s here, and one landing inside a run charged it
+    to whichever runner was going (measured: ~100 ms a call, the median over 25 rounds, on one of two runners)."""
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
     order, shuffle = list(runs), random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name in order:
-            start = clock()
-            runs[name]()
-            times[name].append(clock() - start)
+    enabled = gc.isenabled()
+    try:
+        for _ in range(rounds):
+            gc.collect()
+            gc.disable()
+            shuffle(order)
+            for name in order:
+                start = clock()
+                runs[name]()
+                times[name].append(clock() - start)
+            gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
     return times
 
 
