@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import keras
 import tensorflow as tf
 
 from trainer.blocks import BlockSizer
@@ -138,7 +137,7 @@ class BlockRunner:
         )
         if mode == "train":
             # a tensor first: a schedule gives one, and np.array on a variable is deprecated in NumPy 2
-            logs["lr"] = float(keras.ops.convert_to_tensor(self.optimizer.learning_rate))  # schedules: current value
+            logs["lr"] = float(tf.convert_to_tensor(self.optimizer.learning_rate))  # schedules: current value
             if self.nan_policy == "skip":
                 logs["skipped_steps"] = float(self.steps.skipped.numpy())
         return logs
