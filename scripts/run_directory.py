@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["IDENTITY", "LOCK", "PARTS", "check_logdir", "locked", "move_aside", "where_it_stands"]
+__all__ = ["IDENTITY", "LOCK", "PARTS", "check_logdir", "locked", "move_aside", "where_it_stands", "write_json"]
 
 # What a rerun may not change:
 IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas", "params", "aggregator")
@@ -96,3 +96,14 @@ def where_it_stands(config: dict, logdir: Path, epochs: int) -> str | None:
         raise SystemExit(0)
     where = f"epoch {done}" + (f" + {steps} steps" if steps else "")
     return f"resumed from checkpoint {Path(path).name} ({where}, step {meta['global_step']})"
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` as JSON so that a reader sees the old file or the new one, never a partial one (other
+    workers read the chief's config.json while it rewrites it): a temporary file beside it, then a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -37,7 +36,7 @@ QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ  # the user chose TensorFlow's 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_directory.py, next to this file
-from run_directory import check_logdir, locked, move_aside, where_it_stands  # noqa: E402
+from run_directory import check_logdir, locked, move_aside, where_it_stands, write_json  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK = "detection"
@@ -284,7 +283,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
     resumed = where_it_stands(config, logdir, epochs)
     if resumed:
         print(resumed, flush=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # --epochs is the run's new target
+    write_json(run_dir / "config.json", config)  # --epochs is the run's new target
     writers = [
         CSVWriter(run_dir / "history.csv"),
         TensorBoardWriter(run_dir / "tensorboard", every_n_steps=TENSORBOARD_EVERY),
@@ -322,7 +321,7 @@ def run(args, argv, module, strategy, name: str, logdir: Path, run_dir: Path) ->
     if task.evaluate_extra is not None:
         results.update({k: float(v) for k, v in task.evaluate_extra(trainer, task.validation).items()})
     results = {key: float(format_value(value)) for key, value in results.items()}
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(run_dir / "metrics.json", results)
     if task.pictures is not None:
         for picture, figure in task.pictures(trainer, task.validation).items():
             figure.savefig(run_dir / f"{picture}.png", dpi=100)

@@ -2,11 +2,13 @@
 
 import contextlib
 import csv
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +224,37 @@ def test_an_unwritable_part_of_the_logdir_is_a_one_line_error_before_training(pa
     with _unwritable(target), pytest.raises(SystemExit, match=re.escape(message)):
         main([*base, "--epochs", "2"])
     assert {p: p.read_bytes() for p in (parent / "run").rglob("*") if p.is_file()} == before
+
+
+def test_a_worker_reading_config_json_while_the_chief_rewrites_it_never_sees_a_partial_file(tmp_path):
+    """Under multi-worker training every worker checks the run's config.json while the chief rewrites it (a rerun's
+    new --epochs): a reader must see the old file or the new one, never an empty or half-written one (it raised
+    json.JSONDecodeError in a non-chief worker on the fresh-clone CI)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from run_directory import where_it_stands, write_json
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    config = {"task_file": "t.py", "batch_size": 16, "seed": 0, "pad": "x" * 200_000}
+    write_json(tmp_path / "config.json", config)
+    stop, errors = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                where_it_stands(config, tmp_path, epochs=3)  # (no checkpoints: reads config.json, returns None)
+            except Exception as error:
+                errors.append(error)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for epochs in range(300):
+            write_json(tmp_path / "config.json", {**config, "epochs": epochs})
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == []
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"], "a temporary file was left behind"
