@@ -160,3 +160,58 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
     assert steps[0] == steps[1] < 15, steps
     latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
     assert latest.endswith(f"ckpt-{steps[0]}")
+
+
+WORKER = """
+import os, sys
+import keras, numpy as np, tensorflow as tf
+from trainer import Trainer
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ else tf.distribute.get_strategy()
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, {"y": keras.layers.Dense(1, name="y")(inputs)})
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss={"y": "mse"}, strategy=strategy, seed=0)
+x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+trainer.fit(x, {"y": x.sum(1, keepdims=True)}, batch_size=16, epochs=int(sys.argv[2]), checkpoint_dir=sys.argv[1],
+            progress=False)
+"""
+
+
+def test_workers_that_find_different_checkpoints_stop_with_an_error_naming_what_each_found(tmp_path):
+    """checkpoint_dir not one directory every worker sees (here: each worker its own): TensorFlow failed in a
+    collective ("Shape mismatch in the collective instance"), after the chief had trained 8 steps on its own."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "3"], env=env, check=True, timeout=300)
+    assert tf.train.latest_checkpoint(str(tmp_path / "a")).endswith("ckpt-12")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from launch_workers import free_ports
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = []
+    try:
+        for index, directory in enumerate(["a", "b"]):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            command = [sys.executable, str(script), str(tmp_path / directory), "5"]
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+            workers.append(subprocess.Popen(command, env={**env, "TF_CONFIG": config}, **pipes))
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait()
+    for index, (worker, (_, err)) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 1, err[-3000:]
+        expected = (
+            "RuntimeError: The workers would resume from different checkpoints (worker 0: the checkpoint of step 12; "
+            f"worker 1: nothing (a fresh start)); this process (worker {index}) read "
+            f"checkpoint_dir='{tmp_path / 'ab'[index]}'. Every worker must pass the same checkpoint_dir"
+        )
+        assert expected in err, err[-3000:]
+    assert tf.train.latest_checkpoint(str(tmp_path / "a")).endswith("ckpt-12"), "the chief trained on its own"

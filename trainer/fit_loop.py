@@ -20,6 +20,7 @@ from typing import Any
 
 from trainer.callbacks import CallbackList, History, callback_states, restore_callback_states
 from trainer.checkpoints import Checkpointer, Preemption, TrainingInterrupted
+from trainer.cluster import check_same_start
 from trainer.data import Data
 from trainer.epochs import EpochRunner, Position
 from trainer.inputs import eval_budget, validation_due
@@ -198,6 +199,9 @@ class FitLoop(BlockHooks):
         runner, callbacks = self.runner, self.callbacks
         callbacks.follow_monitors(runner, validation=self.validation is not None)  # may raise: before any update
         first = self.restore()
+        if runner.multi_worker:  # a collective: every worker's fit calls it (with or without checkpoints)
+            directory = None if self.checkpointer is None else str(self.checkpointer.directory)
+            check_same_start(runner.strategy, runner.global_step if first is not None else None, directory)
         resumed = first is not None  # from checkpoint_dir (exact to the step): it wins over a Keras backup
         if not resumed:
             first = initial_epoch
