@@ -1,5 +1,6 @@
 """The loop: one trace, in-graph blocks, evaluate/predict, every kind of model, XLA and eager modes."""
 
+import logging
 import warnings
 
 import keras
@@ -39,6 +40,27 @@ def test_three_epochs_partial_batch_and_validation_trace_once_and_weight_change_
     trainer.predict(data[0], batch_size=32)
     trainer.predict(val[0], batch_size=32)
     assert trainer.trace_counts["predict"] == 1
+
+
+def test_many_trainers_in_one_process_do_not_warn_of_retracing():
+    """A sweep makes a Trainer per trial, each tracing its own functions once. TensorFlow's retracing detector keys a
+    function by its code, so from the fifth Trainer on it warned "5 out of the last 5 calls to <function
+    BlockRunner.__init__.<locals>...> triggered tf.function retracing" (Keras' fit in the same loop does not)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    tf.get_logger().addHandler(handler)
+    x, y = helpers.example1_data(32)
+    try:
+        for _ in range(7):
+            trainer = Trainer(helpers.example1(), optimizer="sgd", loss=LOSSES)
+            trainer.fit(x, y, batch_size=16, epochs=1, validation_data=(x, y), progress=False)
+            trainer.evaluate(x, y, batch_size=16)
+            trainer.predict(x, batch_size=16)
+            assert trainer.trace_counts == {"train": 1, "eval": 1, "predict": 1}
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert [m for m in messages if "retracing" in m] == []
 
 
 @pytest.mark.parametrize("steps_per_execution", [4, 3])

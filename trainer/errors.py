@@ -83,7 +83,11 @@ def describe_tensors(kind: str, tensors: Mapping[str, object]) -> list[str]:
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message, without TensorFlow's op dump, graph function name or eager op suffix."""
-    first = (str(error).strip().splitlines() or [""])[0]
+    lines = str(error).strip().splitlines() or [""]
+    if lines[0].strip() == "Graph execution error:":  # then "Detected at node ... defined at" and its File lines
+        said = [line for line in lines[1:] if line.strip() and not line.startswith(("  File ", "Detected at node "))]
+        lines = said or lines
+    first = lines[0]
     first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)  # the graph function's name says nothing
     return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", first)[:400]
 

@@ -17,6 +17,7 @@ from trainer.data import Data
 from trainer.errors import StepError
 from trainer.inputs import VERBOSE, python_source
 from trainer.options import choice, optional, positive_int
+from trainer.step import own_function
 
 __all__ = ["Predictor", "prediction_data"]
 
@@ -45,7 +46,7 @@ class Predictor:
         self._forward = forward
         self._strategy = strategy
         self.traces = 0
-        self._step = self._step_fn if run_eagerly else tf.function(self._step_fn, autograph=False)
+        self._step = self._step_fn if run_eagerly else own_function(self._step_fn)
 
     def _replica(self, inputs: Any) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         outputs = self._forward(inputs, False)

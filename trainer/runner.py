@@ -20,7 +20,7 @@ from trainer.cadence import Every, steps_to_boundary
 from trainer.cluster import is_multi_worker
 from trainer.errors import NonFiniteLossError, StepError
 from trainer.options import AUTO
-from trainer.step import BlockInfo, Steps
+from trainer.step import BlockInfo, Steps, own_function
 
 __all__ = ["MULTI_WORKER_BLOCK", "BlockHooks", "BlockRunner"]
 
@@ -90,7 +90,7 @@ class BlockRunner:
         self._counts: dict[int, tf.Tensor] = {}
         self._repeated: tuple[tf.data.Dataset, tf.data.Dataset] | None = None
         # Resetting is a handful of assignments: one compiled call instead of several eager ops.
-        self._resets = {mode: tf.function(lambda m=mode: self._reset_state(m), autograph=False) for mode in MODES}
+        self._resets = {mode: own_function(lambda m=mode: self._reset_state(m)) for mode in MODES}
 
     # -- what the loops configure and read ------------------------------------------------------------------------
 

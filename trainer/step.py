@@ -10,6 +10,7 @@ with everything the host needs, read once per block. The mathematics of a step i
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,20 @@ from trainer.cluster import is_multi_worker
 from trainer.errors import OWN_ERRORS
 from trainer.update import StepMath
 
-__all__ = ["BlockInfo", "BlockResult", "Steps"]
+__all__ = ["BlockInfo", "BlockResult", "Steps", "own_function"]
 
 BlockResult = tf.Tensor  # one float32 vector; Steps.unpack splits it
+
+
+def own_function(fn: Callable, **kwargs: Any) -> Callable:
+    """``tf.function(fn)`` without autograph (tapeloop's loops are explicit ``tf.while_loop``/``tf.cond``; a user's
+    loss is converted alone, ``structure.graph_ready``), counted apart by TensorFlow's retracing detector.
+
+    The detector keys a function by its code object, so the functions every Trainer makes (each traced once) added up
+    across Trainers: a sweep warned "5 out of the last 5 calls ... triggered tf.function retracing" from the fifth
+    Trainer on. A ``functools.partial`` has no code object: the detector keys it by the object, one per function.
+    """
+    return tf.function(functools.partial(fn), autograph=False, **kwargs)
 
 
 @dataclass
@@ -96,8 +108,7 @@ class Steps:
             self.consecutive = tf.Variable(0, trainable=False, name="consecutive_skips")
 
         def compiled(fn: Callable, **kwargs: Any) -> Callable:
-            # No autograph: the loops are explicit tf.while_loop/tf.cond; user losses are converted alone (objective.py)
-            return fn if run_eagerly else tf.function(fn, autograph=False, **kwargs)
+            return fn if run_eagerly else own_function(fn, **kwargs)
 
         # XLA compiles a whole step (or micro-step) where it can: the iterator stays outside it.
         jit = {"jit_compile": True} if jit_compile else None
