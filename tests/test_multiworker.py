@@ -3,6 +3,7 @@ chief's run directory exists afterwards; a second launch with more epochs resume
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,30 @@ def _run(script: str, *args: str, env: dict | None = None) -> subprocess.Complet
     )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done
+
+
+@contextlib.contextmanager
+def _cluster(commands: list[list[str]], env: dict) -> Iterator[list[subprocess.Popen]]:
+    """One process per command, command i as worker i of a cluster on free 127.0.0.1 ports (its ``TF_CONFIG``);
+    those still running at the end are killed by process id."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from launch_workers import free_ports
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(len(commands))]}
+    workers = []
+    try:
+        for index, command in enumerate(commands):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+            workers.append(subprocess.Popen(command, env={**env, "TF_CONFIG": config}, **pipes))
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait()
 
 
 def _weights(task_file: Path, path: Path) -> list[np.ndarray]:
@@ -123,22 +149,10 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
     the request travels in the next block's all-reduce, so no worker is left waiting in a collective."""
     task = tmp_path / "task.py"
     task.write_text(USER_TASK + SLOW)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from launch_workers import free_ports
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     flags = ["--task", str(task), "--batch-size", "16", "--no-progress", "--checkpoint-every", "2", "--epochs", "3"]
-    workers = []
-    try:
-        for index in range(2):
-            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": config}
-            command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--strategy", "multiworker", *flags,
-                       "--logdir", str(tmp_path / "run")]  # fmt: skip
-            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-            workers.append(subprocess.Popen(command, env=env, **pipes))
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "--strategy", "multiworker", *flags,
+               "--logdir", str(tmp_path / "run")]  # fmt: skip
+    with _cluster([command, command], {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}) as workers:
         deadline = time.monotonic() + 300
         while not (tmp_path / "run" / "checkpoints" / "checkpoint").exists():  # the chief's first checkpoint: step 2
             assert workers[0].poll() is None and time.monotonic() < deadline, workers[0].communicate()[1][-3000:]
@@ -146,11 +160,6 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step(tmp_path):
         time.sleep(0.1)  # into the next block
         workers[1].send_signal(signal.SIGTERM)
         outputs = [worker.communicate(timeout=120) for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                os.kill(worker.pid, signal.SIGKILL)
-                worker.wait()
     steps = []
     for worker, (out, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -187,25 +196,9 @@ def test_workers_that_find_different_checkpoints_stop_with_an_error_naming_what_
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "3"], env=env, check=True, timeout=300)
     assert tf.train.latest_checkpoint(str(tmp_path / "a")).endswith("ckpt-12")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from launch_workers import free_ports
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    try:
-        for index, directory in enumerate(["a", "b"]):
-            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            command = [sys.executable, str(script), str(tmp_path / directory), "5"]
-            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-            workers.append(subprocess.Popen(command, env={**env, "TF_CONFIG": config}, **pipes))
+    commands = [[sys.executable, str(script), str(tmp_path / directory), "5"] for directory in "ab"]
+    with _cluster(commands, env) as workers:
         outputs = [worker.communicate(timeout=300) for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                os.kill(worker.pid, signal.SIGKILL)
-                worker.wait()
     for index, (worker, (_, err)) in enumerate(zip(workers, outputs, strict=True)):
         assert worker.returncode == 1, err[-3000:]
         expected = (
