@@ -249,6 +249,25 @@ def test_an_error_inside_a_users_loss_names_the_loss_and_every_tensor_it_was_giv
     assert type(caught.value.__cause__) is ValueError  # the original, kept as the cause
 
 
+def test_an_error_a_keras_layer_raises_is_named_by_its_own_message_not_keras_wrapper():
+    """Keras wraps an error raised in a layer's call: "Exception encountered when calling Boom.call()." first, the
+    layer's own message (in bold, ANSI escapes) on a later line; the error showed only Keras' first line."""
+
+    class Boom(keras.layers.Layer):
+        def call(self, x):
+            if x.shape[0] is not None:  # (not while the functional model is built on symbolic inputs)
+                raise ValueError("boom: the layer's own message")
+            return x
+
+    inputs = keras.Input((4,))
+    trainer = Trainer(keras.Model(inputs, keras.layers.Dense(1)(Boom()(inputs))), optimizer="sgd", loss="mse")
+    message = (
+        "^the model raised ValueError: boom: the layer's own message \\(in Boom.call\\)\n"
+        "It was given:\n  input 'x': shape \\(1, 4\\), float32$"
+    )
+    _fails_before_update(trainer, UserCodeError, message, np.zeros((8, 4), "float32"), np.zeros((8, 1), "float32"))
+
+
 def test_an_error_only_at_trace_time_names_the_metric_too():
     """Eagerly `.numpy()` works (the first-batch check passes); inside the compiled step it cannot."""
 

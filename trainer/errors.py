@@ -81,15 +81,26 @@ def describe_tensors(kind: str, tensors: Mapping[str, object]) -> list[str]:
     return lines
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_KERAS_CALL = re.compile(r"^Exception encountered when calling ([\w.]+)\(\)\.$")
+
+
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message, without TensorFlow's op dump, graph function name or eager op suffix."""
-    lines = str(error).strip().splitlines() or [""]
-    if lines[0].strip() == "Graph execution error:":  # then "Detected at node ... defined at" and its File lines
+    """The first line of an error's message, without TensorFlow's op dump, graph function name or eager op suffix.
+
+    Two wrappers put the cause further down: TensorFlow's "Graph execution error:" (then where the op was defined)
+    and Keras' "Exception encountered when calling Layer.call()." (then the layer's message, in bold).
+    """
+    lines = [_ANSI.sub("", line) for line in str(error).strip().splitlines()] or [""]
+    where = ""
+    if keras_call := _KERAS_CALL.match(lines[0].strip()):
+        where = f" (in {keras_call.group(1)})"
+        lines = [line for line in lines[1:] if line.strip()] or lines
+    if lines[0].strip() == "Graph execution error:":
         said = [line for line in lines[1:] if line.strip() and not line.startswith(("  File ", "Detected at node "))]
         lines = said or lines
-    first = lines[0]
-    first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)  # the graph function's name says nothing
-    return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", first)[:400]
+    first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0])  # the graph function's name says nothing
+    return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", first)[:400] + where
 
 
 class UserCodeError(Exception):
