@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.test_cli import USER_TASK
@@ -182,7 +183,7 @@ with strategy.scope():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, {"y": keras.layers.Dense(1, name="y")(inputs)})
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss={"y": "mse"}, strategy=strategy, seed=0)
-x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+x = np.random.default_rng(0).normal(size=(int(sys.argv[3]) if len(sys.argv) > 3 else 64, 4)).astype("float32")
 trainer.fit(x, {"y": x.sum(1, keepdims=True)}, batch_size=16, epochs=int(sys.argv[2]), checkpoint_dir=sys.argv[1],
             progress=False)
 """
@@ -208,3 +209,27 @@ def test_workers_that_find_different_checkpoints_stop_with_an_error_naming_what_
         )
         assert expected in err, err[-3000:]
     assert tf.train.latest_checkpoint(str(tmp_path / "a")).endswith("ckpt-12"), "the chief trained on its own"
+
+
+@pytest.mark.parametrize(
+    ("runs", "said"),
+    [
+        ((("3", "64"), ("2", "64")), "worker 0: to epoch 3, 4 steps an epoch; worker 1: to epoch 2, 4 steps an epoch"),
+        ((("2", "64"), ("2", "80")), "worker 0: to epoch 2, 4 steps an epoch; worker 1: to epoch 2, 5 steps an epoch"),
+    ],
+    ids=["epochs", "data"],
+)
+def test_workers_that_would_train_different_steps_stop_with_an_error_naming_them(runs, said, tmp_path):
+    """Other epochs on one worker: TensorFlow's "tasks are unhealthy (stopped sending heartbeats)" after the other
+    worker had ended; data of another length: both workers hung (killed after 90 s)."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    commands = [[sys.executable, str(script), str(tmp_path / "run"), epochs, n] for epochs, n in runs]
+    with _cluster(commands, env) as workers:
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+    for index, (worker, (_, err)) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 1, err[-3000:]
+        expected = f"RuntimeError: The workers would train different numbers of steps ({said}; this process is the "
+        assert f"{expected}worker {index}). Every worker must call fit with the same epochs" in err, err[-3000:]
+    assert not (tmp_path / "run").exists(), "a checkpoint was written: something was trained"

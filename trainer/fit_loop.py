@@ -201,7 +201,10 @@ class FitLoop(BlockHooks):
         first = self.restore()
         if runner.multi_worker:  # a collective: every worker's fit calls it (with or without checkpoints)
             directory = None if self.checkpointer is None else str(self.checkpointer.directory)
-            check_same_start(runner.strategy, runner.global_step if first is not None else None, directory)
+            restored = runner.global_step if first is not None else None
+            check_same_start(
+                runner.strategy, step=restored, epochs=epochs, steps=self.epochs.steps, checkpoint_dir=directory
+            )
         resumed = first is not None  # from checkpoint_dir (exact to the step): it wins over a Keras backup
         if not resumed:
             first = initial_epoch
