@@ -183,9 +183,17 @@ with strategy.scope():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, {"y": keras.layers.Dense(1, name="y")(inputs)})
     trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss={"y": "mse"}, strategy=strategy, seed=0)
-x = np.random.default_rng(0).normal(size=(int(sys.argv[3]) if len(sys.argv) > 3 else 64, 4)).astype("float32")
-trainer.fit(x, {"y": x.sum(1, keepdims=True)}, batch_size=16, epochs=int(sys.argv[2]), checkpoint_dir=sys.argv[1],
-            progress=False)
+# worker.py CHECKPOINT_DIR EPOCHS [EXAMPLES [VALIDATION_EXAMPLES [EVALUATED_EXAMPLES [PREDICTED_EXAMPLES]]]]
+given = [int(arg) for arg in sys.argv[2:]]
+directory, (epochs, n, validated, evaluated, predicted) = sys.argv[1], given + [64, 0, 0, 0][len(given) - 1 :]
+x = np.random.default_rng(0).normal(size=(n, 4)).astype("float32")
+validation = (x[:validated], {"y": x[:validated].sum(1, keepdims=True)}) if validated else None
+trainer.fit(x, {"y": x.sum(1, keepdims=True)}, batch_size=16, epochs=epochs, checkpoint_dir=directory,
+            validation_data=validation, progress=False)
+if evaluated:
+    trainer.evaluate(x[:evaluated], {"y": x[:evaluated].sum(1, keepdims=True)}, batch_size=16)
+if predicted:
+    trainer.predict(x[:predicted], batch_size=16)
 """
 
 
@@ -211,25 +219,42 @@ def test_workers_that_find_different_checkpoints_stop_with_an_error_naming_what_
     assert tf.train.latest_checkpoint(str(tmp_path / "a")).endswith("ckpt-12"), "the chief trained on its own"
 
 
+TRAIN_DIFFERENT = "The workers would train different numbers of steps (worker 0: to epoch"
+
+
 @pytest.mark.parametrize(
     ("runs", "said"),
     [
-        ((("3", "64"), ("2", "64")), "worker 0: to epoch 3, 4 steps an epoch; worker 1: to epoch 2, 4 steps an epoch"),
-        ((("2", "64"), ("2", "80")), "worker 0: to epoch 2, 4 steps an epoch; worker 1: to epoch 2, 5 steps an epoch"),
+        ((("3", "64"), ("2", "64")), f"{TRAIN_DIFFERENT} 3, 4 steps an epoch; worker 1: to epoch 2, 4 steps an epoch"),
+        ((("2", "64"), ("2", "80")), f"{TRAIN_DIFFERENT} 2, 4 steps an epoch; worker 1: to epoch 2, 5 steps an epoch"),
+        (
+            (("2", "64", "32"), ("2", "64", "48")),
+            f"{TRAIN_DIFFERENT} 2, 4 steps an epoch, 2 validation batches; worker 1: to epoch 2, 4 steps an epoch, "
+            "3 validation batches",
+        ),
+        (
+            (("1", "64", "0", "16"), ("1", "64", "0", "32")),
+            "The workers would evaluate different numbers of batches (worker 0: 1; worker 1: 2",
+        ),
+        (
+            (("1", "64", "0", "0", "16"), ("1", "64", "0", "0", "32")),
+            "The workers would predict different numbers of batches (worker 0: 1; worker 1: 2",
+        ),
     ],
-    ids=["epochs", "data"],
+    ids=["epochs", "data", "validation data", "evaluation data", "prediction data"],
 )
-def test_workers_that_would_train_different_steps_stop_with_an_error_naming_them(runs, said, tmp_path):
+def test_workers_that_would_run_different_steps_stop_with_an_error_naming_them(runs, said, tmp_path):
     """Other epochs on one worker: TensorFlow's "tasks are unhealthy (stopped sending heartbeats)" after the other
-    worker had ended; data of another length: both workers hung (killed after 90 s)."""
+    worker had ended; training or validation data of another length: both workers hung (killed after 90 s);
+    prediction data of another length: each worker got a mix of rows of the workers' batches, silently."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-    commands = [[sys.executable, str(script), str(tmp_path / "run"), epochs, n] for epochs, n in runs]
+    commands = [[sys.executable, str(script), str(tmp_path / "run"), *run] for run in runs]
     with _cluster(commands, env) as workers:
         outputs = [worker.communicate(timeout=120) for worker in workers]
     for index, (worker, (_, err)) in enumerate(zip(workers, outputs, strict=True)):
         assert worker.returncode == 1, err[-3000:]
-        expected = f"RuntimeError: The workers would train different numbers of steps ({said}; this process is the "
-        assert f"{expected}worker {index}). Every worker must call fit with the same epochs" in err, err[-3000:]
-    assert not (tmp_path / "run").exists(), "a checkpoint was written: something was trained"
+        assert f"RuntimeError: {said}; this process is the worker {index}). Every worker " in err, err[-3000:]
+    trained = (tmp_path / "run").exists()
+    assert trained == (runs[0][0] == "1"), "a checkpoint was written: something was trained"

@@ -202,8 +202,14 @@ class FitLoop(BlockHooks):
         if runner.multi_worker:  # a collective: every worker's fit calls it (with or without checkpoints)
             directory = None if self.checkpointer is None else str(self.checkpointer.directory)
             restored = runner.global_step if first is not None else None
+            validated = 0 if self.validation is None else eval_budget(self.validation.data, self.validation.steps)[0]
             check_same_start(
-                runner.strategy, step=restored, epochs=epochs, steps=self.epochs.steps, checkpoint_dir=directory
+                runner.strategy,
+                step=restored,
+                epochs=epochs,
+                steps=self.epochs.steps,
+                validation=validated,
+                checkpoint_dir=directory,
             )
         resumed = first is not None  # from checkpoint_dir (exact to the step): it wins over a Keras backup
         if not resumed:

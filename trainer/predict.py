@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from trainer.cluster import check_same_batches, is_multi_worker
 from trainer.data import Data
 from trainer.errors import StepError
 from trainer.inputs import VERBOSE, python_source
@@ -71,6 +72,9 @@ class Predictor:
         return {name: gather(value, axis=0) for name, value in outputs.items()}, sizes
 
     def __call__(self, dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+        if is_multi_worker(self._strategy):  # a collective: every worker predicts together
+            batches = int(dataset.cardinality())
+            check_same_batches(self._strategy, "predict", batches if batches >= 0 else None)
         chunks: dict[str, list[np.ndarray]] = {}
         iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
         done = 0

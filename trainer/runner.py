@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from trainer.blocks import BlockSizer
 from trainer.cadence import Every, steps_to_boundary
-from trainer.cluster import is_multi_worker
+from trainer.cluster import check_same_batches, is_multi_worker
 from trainer.errors import NonFiniteLossError, StepError
 from trainer.options import AUTO
 from trainer.step import BlockInfo, Steps, own_function
@@ -235,6 +235,8 @@ class BlockRunner:
 
         ``callbacks`` (a ``CallbackList``) gets ``on_test_begin``, ``on_test_batch_*`` and ``on_test_end``.
         """
+        if self.multi_worker:  # a collective: every worker evaluates together
+            check_same_batches(self.strategy, "evaluate", steps)
         self.reset("eval")
         callbacks.on_test_begin(None)
         exact = steps is not None if exact is None else exact
