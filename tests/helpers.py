@@ -18,6 +18,18 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 RTOL, ATOL = 1e-5, 1e-6  # tapeloop against Keras on the same model, data and order
 
 
+def fails_before_update(trainer: Trainer, exc: type[BaseException], match: str, *args, **kwargs) -> None:
+    """``trainer.fit(*args, **kwargs)`` raises ``exc`` matching ``match``, and no weight or step count changed."""
+    import pytest
+
+    before = weights(trainer.model)
+    with pytest.raises(exc, match=match):
+        trainer.fit(*args, progress=False, **kwargs)
+    for a, b in zip(before, weights(trainer.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert trainer.global_step == 0
+
+
 def assert_weights_close(a: keras.Model, b: keras.Model) -> None:
     for x, y in zip(weights(a), weights(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)

@@ -13,21 +13,10 @@ from trainer import (
     MissingKeyError,
     NonFiniteLossError,
     ShapeMismatchError,
-    StepError,
     Trainer,
-    UserCodeError,
 )
 
 LOSSES = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
-
-
-def _fails_before_update(trainer, exc, match, *args, **kwargs):
-    before = helpers.weights(trainer.model)
-    with pytest.raises(exc, match=match):
-        trainer.fit(*args, progress=False, **kwargs)
-    for a, b in zip(before, helpers.weights(trainer.model)):
-        np.testing.assert_array_equal(a, b)
-    assert trainer.global_step == 0
 
 
 def test_loss_reading_a_missing_output_names_it_and_lists_outputs():
@@ -35,7 +24,7 @@ def test_loss_reading_a_missing_output_names_it_and_lists_outputs():
         return tf.reduce_mean(outputs["boxes"])
 
     trainer = Trainer(helpers.example1(), loss={"det": loss})
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer,
         MissingKeyError,
         "loss 'det' reads output 'boxes', which does not exist; the model's outputs are: "
@@ -46,7 +35,7 @@ def test_loss_reading_a_missing_output_names_it_and_lists_outputs():
 
 def test_loss_reading_a_missing_target_names_it_and_lists_targets():
     trainer = Trainer(helpers.example1(), loss=lambda o, t: tf.reduce_mean(o["regression_output"] - t["regresion"]))
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer,
         MissingKeyError,
         "the loss reads target 'regresion', which does not exist; the data's targets are: "
@@ -57,26 +46,28 @@ def test_loss_reading_a_missing_target_names_it_and_lists_targets():
 
 def test_metric_reading_a_missing_output_or_target():
     trainer = Trainer(helpers.example1(), loss=LOSSES, metrics={"regression": ["mae"]})
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer, MissingKeyError, "metrics\\['regression'\\] reads output 'regression'", helpers.example1_data(8)
     )
     x, y = helpers.example1_data(8)
     trainer = Trainer(helpers.example1(), loss=LOSSES, metrics={"peek": lambda o, t: tf.reduce_mean(t["weights"])})
-    _fails_before_update(trainer, MissingKeyError, "metric 'peek' reads target 'weights'", (x, y))
+    helpers.fails_before_update(trainer, MissingKeyError, "metric 'peek' reads target 'weights'", (x, y))
 
 
 def test_validation_data_missing_a_target_fails_before_training():
     x, y = helpers.example1_data(8)
     trainer = Trainer(helpers.example1(), loss=LOSSES)
     val = (x, {"regression_output": y["regression_output"]})
-    _fails_before_update(trainer, MissingKeyError, "reads target 'classification_output'", (x, y), validation_data=val)
+    helpers.fails_before_update(
+        trainer, MissingKeyError, "reads target 'classification_output'", (x, y), validation_data=val
+    )
 
 
 def test_seed001_example2_as_printed_14x14_output_against_28x28_targets():
     trainer = Trainer(
         helpers.example2(image_size=14), loss={"vector_output": "binary_crossentropy", "image_output": "mse"}
     )
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer,
         ShapeMismatchError,
         re.escape(
@@ -91,7 +82,7 @@ def test_seed001_example3_as_printed_names_on_inner_layers():
     trainer = Trainer(
         helpers.example3(as_printed=True), loss={"output_1": "mse", "output_2": "categorical_crossentropy"}
     )
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer,
         MissingKeyError,
         "loss 'output_1' reads output 'output_1', which does not exist; the model's outputs are: 'dense_.*'. "
@@ -105,7 +96,7 @@ def test_sparse_labels_of_the_wrong_shape():
     model = keras.Model(inp, keras.layers.Dense(3, name="cls")(inp))
     trainer = Trainer(model, loss={"output": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
     x = np.zeros((6, 4), "float32")
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer, ShapeMismatchError, "sparse loss wants integer labels of shape", (x, {"output": np.zeros((6, 2))})
     )
 
@@ -113,7 +104,7 @@ def test_sparse_labels_of_the_wrong_shape():
 def test_inputs_alone_for_a_loss_that_reads_targets_names_the_target():
     trainer = Trainer(helpers.example1(), loss=LOSSES)
     message = "reads target 'regression_output', which does not exist; the data's targets are: (none)"
-    _fails_before_update(trainer, MissingKeyError, re.escape(message), np.zeros((4, 100), np.float32))
+    helpers.fails_before_update(trainer, MissingKeyError, re.escape(message), np.zeros((4, 100), np.float32))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +135,7 @@ def test_inputs_alone_for_a_loss_that_reads_targets_names_the_target():
 )
 def test_bad_data_gets_its_own_message(data, message):
     trainer = Trainer(helpers.example1(), loss=LOSSES)
-    _fails_before_update(trainer, DataError, message, data)
+    helpers.fails_before_update(trainer, DataError, message, data)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +163,7 @@ def test_invalid_options_fail_in_the_constructor(kwargs, exc, message):
 
 def test_unknown_loss_weight_key_lists_names_and_components():
     trainer = Trainer(helpers.example1(), loss=LOSSES, loss_weights={"regresion_output": 2.0})
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer,
         ValueError,
         "loss_weights has keys 'regresion_output' that are neither a loss name nor a component key",
@@ -185,12 +176,12 @@ def test_top_level_keras_loss_on_an_output_with_a_reserved_name_is_named():
     model = keras.Model(inp, {"loss": keras.layers.Dense(1)(inp), "b": keras.layers.Dense(1)(inp)})
     data = (np.ones((8, 2), "float32"), {"loss": np.ones((8, 1), "float32"), "b": np.ones((8, 1), "float32")})
     message = "`loss='mse'` applies to every output, and outputs 'loss' have a reserved key"
-    _fails_before_update(Trainer(model, loss="mse"), ValueError, message, data)
+    helpers.fails_before_update(Trainer(model, loss="mse"), ValueError, message, data)
 
 
 def test_loss_returning_a_vector_is_named():
     trainer = Trainer(helpers.example1(), loss={"reg": lambda o, t: tf.square(o["regression_output"])})
-    _fails_before_update(trainer, Exception, "loss 'reg' returned shape \\(8, 1\\)", helpers.example1_data(8))
+    helpers.fails_before_update(trainer, Exception, "loss 'reg' returned shape \\(8, 1\\)", helpers.example1_data(8))
 
 
 def test_non_finite_loss_names_component_and_step_and_keeps_last_good_weights():
@@ -226,75 +217,9 @@ def test_non_finite_loss_names_component_and_step_and_keeps_last_good_weights():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def _shapes_model() -> keras.Model:
-    inp = keras.layers.Input((32, 1))
-    return keras.Model(inp, {"x": keras.layers.Dense(1, activation="sigmoid")(inp)})
-
-
-def test_an_error_inside_a_users_loss_names_the_loss_and_every_tensor_it_was_given():
-    """The issue's case: an output (B, 32, 1) against a target (B, 64, 1) inside a custom loss."""
-
-    def recon(outputs, targets):
-        return keras.ops.mean(keras.losses.binary_crossentropy(targets["x"], outputs["x"]))
-
-    trainer = Trainer(_shapes_model(), loss={"recon": recon})
-    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 64, 1), "float32")})
-    message = (
-        "loss 'recon' raised ValueError: Arguments `target` and `output` must have the same shape.*\n"
-        "It was given:\n  output 'x': shape \\(4, 32, 1\\), float32\n  target 'x': shape \\(4, 64, 1\\), float32$"
-    )
-    _fails_before_update(trainer, UserCodeError, message, data, batch_size=4)
-    with pytest.raises(UserCodeError) as caught:
-        trainer.fit(data, batch_size=4, progress=False)
-    assert type(caught.value.__cause__) is ValueError  # the original, kept as the cause
-
-
-def test_an_error_a_keras_layer_raises_is_named_by_its_own_message_not_keras_wrapper():
-    """Keras wraps an error raised in a layer's call: "Exception encountered when calling Boom.call()." first, the
-    layer's own message (in bold, ANSI escapes) on a later line; the error showed only Keras' first line."""
-
-    class Boom(keras.layers.Layer):
-        def call(self, x):
-            if x.shape[0] is not None:  # (not while the functional model is built on symbolic inputs)
-                raise ValueError("boom: the layer's own message")
-            return x
-
-    inputs = keras.Input((4,))
-    trainer = Trainer(keras.Model(inputs, keras.layers.Dense(1)(Boom()(inputs))), optimizer="sgd", loss="mse")
-    message = (
-        "^the model raised ValueError: boom: the layer's own message \\(in Boom.call\\)\n"
-        "It was given:\n  input 'x': shape \\(1, 4\\), float32$"
-    )
-    _fails_before_update(trainer, UserCodeError, message, np.zeros((8, 4), "float32"), np.zeros((8, 1), "float32"))
-
-
-def test_an_error_only_at_trace_time_names_the_metric_too():
-    """Eagerly `.numpy()` works (the first-batch check passes); inside the compiled step it cannot."""
-
-    def peak(outputs, targets):
-        return float(np.max(outputs["x"].numpy()))
-
-    trainer = Trainer(_shapes_model(), loss="mse", metrics={"peak": peak})
-    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 32, 1), "float32")})
-    message = "metric 'peak' raised AttributeError: .*numpy.*\nIt was given:\n  output 'x': shape \\(None, 32, 1\\)"
-    _fails_before_update(trainer, UserCodeError, message, data, batch_size=4)
-
-
-def test_a_keras_style_loss_function_gets_a_hint_and_the_model_is_named_when_it_raises():
-    def keras_style(y_true, y_pred):
-        return keras.ops.mean((y_true - y_pred) ** 2)
-
-    trainer = Trainer(_shapes_model(), loss=keras_style)
-    data = (np.zeros((8, 32, 1), "float32"), {"x": np.zeros((8, 32, 1), "float32")})
-    _fails_before_update(trainer, UserCodeError, "(?s)the loss raised TypeError.*use losses.per_output", data)
-    narrow = Trainer(_shapes_model(), loss={"x": "mse"})
-    message = "the model raised ValueError: .*\nIt was given:\n  input 'x': shape \\(8, 16, 1\\), float32"
-    _fails_before_update(narrow, UserCodeError, message, (np.zeros((8, 16, 1), "float32"), {"x": data[1]["x"]}))
-
-
 def test_suggestions_list_the_names_tapeloop_accepts():
     trainer = Trainer(helpers.example1(), loss=LOSSES, metrics={"classification_output": ["acuracy"]})
-    _fails_before_update(
+    helpers.fails_before_update(
         trainer, ValueError, "Unknown Keras metric 'acuracy'.*Did you mean 'accuracy'", *helpers.example1_data(8)
     )
 
@@ -312,54 +237,10 @@ def test_validation_problems_name_the_validation_data():
     trainer = Trainer(helpers.example1(), loss=LOSSES)
     bad = (x, {"regression_output": y["regression_output"], "classes": y["classification_output"]})
     message = "validation data: loss 'classification_output' reads target 'classification_output'"
-    _fails_before_update(trainer, MissingKeyError, message, (x, y), validation_data=bad)
+    helpers.fails_before_update(trainer, MissingKeyError, message, (x, y), validation_data=bad)
     nan = (x, {key: np.full_like(value, np.nan) for key, value in y.items()})
     with pytest.warns(RuntimeWarning, match=r"validation data gave non-finite values at epoch 1: val_loss=nan"):
         trainer.fit((x, y), validation_data=nan, progress=False)
-
-
-def test_an_operation_failing_on_a_later_batch_names_the_steps_and_keeps_the_steps_before():
-    """A label out of range in the 3rd batch: the first-batch check cannot see it; TensorFlow's error was bare."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 5)).astype("float32")
-    labels = rng.integers(0, 4, 64)
-    labels[40] = 7  # batch 3 of 16
-
-    def model():
-        keras.utils.set_random_seed(0)
-        inp = keras.layers.Input((5,))
-        return keras.Model(inp, keras.layers.Dense(4, activation="softmax")(inp))
-
-    reference = model()
-    args = {"batch_size": 16, "shuffle": False, "progress": False}
-    Trainer(reference, optimizer="sgd", loss="sparse_categorical_crossentropy").fit(x[:32], labels[:32], **args)
-    for spe, where in ((1, "step 3"), (4, "steps 1-4")):
-        trained = model()
-        trainer = Trainer(trained, optimizer="sgd", loss="sparse_categorical_crossentropy", steps_per_execution=spe)
-        # TensorFlow's first failing op differs between runs: the loss's label check or a gather of the label's column
-        failed = r"(Received a label value of 7|indices\[\d+\] = 7 is not in \[0, 4\))"
-        message = rf"Training failed at {where} \(one compiled block\) with InvalidArgumentError: {failed}"
-        with pytest.raises(StepError, match=message) as info:
-            trainer.fit(x, labels, **args)
-        assert isinstance(info.value.__cause__, tf.errors.InvalidArgumentError)
-        assert ("steps_per_execution=1 names the exact step" in str(info.value)) == (spe > 1)
-        helpers.assert_weights_close(trained, reference)  # the steps before the failing one were applied
-    with pytest.raises(StepError, match=r"Evaluation failed at batch 3 \(one compiled block\) with InvalidArg"):
-        Trainer(model(), loss="sparse_categorical_crossentropy", steps_per_execution=1).evaluate(
-            x, labels, batch_size=16
-        )
-
-
-def test_a_dataset_whose_batches_change_shape_names_the_steps():
-    x = np.ones((32, 5), "float32")
-    data = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(16)
-    data = data.concatenate(tf.data.Dataset.from_tensor_slices((x[:, :4], x[:, :1])).batch(16))
-    inp = keras.layers.Input((5,))
-    trainer = Trainer(keras.Model(inp, keras.layers.Dense(1)(inp)), loss="mse", steps_per_execution=1)
-    with pytest.raises(StepError, match=r"Training failed at step 3 .*Matrix size-incompatible: In\[0\]: \[16,4\]"):
-        trainer.fit(data, progress=False)
-    with pytest.raises(StepError, match=r"Prediction failed at batch 3 \(one compiled block\) with InvalidArgument"):
-        trainer.predict(data.map(lambda x, y: x))
 
 
 def test_infinite_data_without_a_step_count_is_named_for_every_use():
@@ -371,7 +252,7 @@ def test_infinite_data_without_a_step_count_is_named_for_every_use():
     for use, kwargs in [("training", {}), ("validation", {"steps_per_epoch": 2, "validation_data": endless})]:
         option = "validation_steps" if kwargs else "steps_per_epoch"
         message = rf"{use} data is infinite \(repeat\(\) without a count\); pass {option}\."
-        _fails_before_update(trainer, DataError, message, endless, **kwargs)
+        helpers.fails_before_update(trainer, DataError, message, endless, **kwargs)
     with pytest.raises(DataError, match=r"evaluation data is infinite .*; pass steps\."):
         trainer.evaluate(endless)
     with pytest.raises(DataError, match=r"prediction data is infinite .*; pass steps\."):
@@ -379,26 +260,3 @@ def test_infinite_data_without_a_step_count_is_named_for_every_use():
     first_two = (x[:16], {"output": y["output"][:16]})
     assert trainer.evaluate(endless, steps=2)["loss"] == pytest.approx(trainer.evaluate(first_two)["loss"], rel=1e-6)
     assert len(trainer.predict(endless, steps=3)["output"]) == 24
-
-
-@pytest.mark.parametrize(
-    "metric, error",
-    [
-        ("mae", "InvalidArgumentError: Incompatible shapes: \\[4\\] vs. \\[4,3\\]$"),  # was a StepError naming none
-        (
-            "top_k_categorical_accuracy",
-            "InvalidArgumentError: targets must be 1-dimensional$",
-        ),  # was a bare trace-time error
-    ],
-)
-def test_a_keras_metric_that_fails_on_the_first_batch_is_named_before_any_update(metric, error):
-    """Sparse labels (B,) against a softmax (B, 3): both metrics fail in Model.fit too (with TensorFlow's error)."""
-    inputs = keras.Input((5,))
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
-    trainer = Trainer(model, loss="sparse_categorical_crossentropy", metrics=[metric])
-    x, y = np.zeros((8, 5), "float32"), np.zeros(8, "int64")
-    message = (
-        f"(?m)Keras metric '{metric}' on output 'output' raised {error}\nIt was given:\n"
-        "  target 'output': shape \\(4,\\), int64\n  output 'output': shape \\(4, 3\\), float32"
-    )
-    _fails_before_update(trainer, UserCodeError, message, x, y, batch_size=4)
