@@ -283,3 +283,47 @@ def test_the_benchs_hand_written_floors_do_the_trainers_work(m, name):
     step(iter(data), tf.constant(3))
     for ours, theirs in zip(trained.trainable_variables, by_hand_model.trainable_variables, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-7)
+
+
+def _embedding_model(sparse: bool) -> keras.Model:
+    """Token ids -> a shared embedding, averaged -> two heads. ``sparse=False``: the same model with the embedding
+    as a matrix product of one-hot rows (dense gradients; the same numbers)."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32")
+    if sparse:
+        embedded = keras.layers.Embedding(50, 8, name="embedding")(ids)
+    else:
+        one_hot = keras.layers.Lambda(lambda t: tf.one_hot(t, 50), output_shape=(6, 50))(ids)
+        embedded = keras.layers.Dense(8, use_bias=False, name="embedding")(one_hot)
+    pooled = keras.layers.GlobalAveragePooling1D()(embedded)
+    heads = {name: keras.layers.Dense(1, name=name)(pooled) for name in ("a", "b")}
+    model = keras.Model(ids, heads)
+    if not sparse:  # the embedding's initial table
+        model.get_layer("embedding").kernel.assign(_embedding_model(True).get_layer("embedding").embeddings)
+    return model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [lambda: {"aggregator": "upgrad"}, lambda: {"aggregator": "mgda", "gradient_accumulation_steps": 2},
+     lambda: {"log_grad_norms": True}, lambda: {"aggregator": GradNorm(1.5)}],
+    ids=["upgrad", "mgda-accumulated", "log_grad_norms", "gradnorm"],
+)  # fmt: skip
+def test_an_embeddings_sparse_gradients_are_aggregated_as_the_same_dense_ones(options):
+    """An Embedding's gradient is an IndexedSlices: the Gramian and the direction failed with "unsupported operand
+    type(s) for *: 'IndexedSlices' and 'IndexedSlices'" while tracing."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (64, 6)).astype("int32")
+    y = {"a": rng.random((64, 1), dtype=np.float32), "b": 10.0 * rng.random((64, 1), dtype=np.float32)}
+    found = []
+    for sparse in (True, False):
+        model = _embedding_model(sparse)
+        trainer = Trainer(model, optimizer=keras.optimizers.SGD(0.1), loss={"a": "mse", "b": "mse"}, **options())
+        history = trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False).history
+        found.append((model.get_weights(), history))
+    (sparse_weights, sparse_history), (dense_weights, dense_history) = found
+    for a, b in zip(sparse_weights, dense_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert sparse_history.keys() == dense_history.keys()
+    for key in dense_history:
+        np.testing.assert_allclose(sparse_history[key], dense_history[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -103,7 +103,9 @@ class Balance:
             parts = [rest[j]] + ([] if j in shared else [g[j] for g in per_key])
             parts = [p for p in parts if p is not None]
             grads.append(tf.add_n(parts) if parts else None)
-        components = [[g[j] if g[j] is not None else tf.zeros_like(variables[j]) for j in self.shared] for g in per_key]
+        # An Embedding's gradient is an IndexedSlices: the Gramian and the direction need the dense rows.
+        components = [[tf.zeros_like(variables[j]) if g[j] is None else tf.convert_to_tensor(g[j]) for j in self.shared]
+                      for g in per_key]  # fmt: skip
         return grads, components
 
     # -- over all replicas (cross-replica context) ----------------------------------------------------------------
