@@ -16,6 +16,7 @@ uses this module's convention calls them inside :func:`plain_keras_losses`, wher
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import tensorflow as tf
@@ -26,6 +27,8 @@ except ImportError:  # pragma: no cover - a Keras without it does not scale
     _keras_loss = None
 
 __all__ = ["global_normalizer", "global_sum", "plain_keras_losses", "replica_share"]
+
+_lock = threading.Lock()
 
 
 def _context() -> tf.distribute.ReplicaContext | None:
@@ -65,21 +68,38 @@ def global_normalizer(count: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
     return normaliser * tf.cast(replica_share(batch_size), count.dtype)
 
 
-def _unscaled(value: tf.Tensor) -> tf.Tensor:
-    return value
+_plain = threading.local()  # .depth: how many plain_keras_losses contexts this thread is in
+
+
+def _install() -> None:
+    """Replace Keras' scaling function, once, by one that is the identity in this module's context and Keras' own
+    elsewhere. Swapping the function in and out per call raced: MirroredStrategy traces each replica in its own
+    thread, and the last thread out could put the identity back for good (``Model.fit`` later in the process then
+    trained on N x its loss)."""
+    keras_scaling = _keras_loss.scale_loss_for_distribution
+    if getattr(keras_scaling, "_tapeloop", False):
+        return
+
+    def scale_loss_for_distribution(value: tf.Tensor) -> tf.Tensor:
+        return value if getattr(_plain, "depth", 0) else keras_scaling(value)
+
+    scale_loss_for_distribution._tapeloop = True
+    _keras_loss.scale_loss_for_distribution = scale_loss_for_distribution
 
 
 @contextlib.contextmanager
 def plain_keras_losses() -> Iterator[None]:
-    """Within this context (while a step is traced or run eagerly), ``keras.losses.Loss`` objects return the plain
-    mean over this replica's examples, not that mean divided by the strategy's replica count: user losses written
-    with Keras loss objects, and a layer's ``add_loss`` of one, then follow this module's ``b/B`` convention."""
-    original = getattr(_keras_loss, "scale_loss_for_distribution", None)
-    if original is None:
+    """Within this context (while a step is traced or run eagerly, in this thread), ``keras.losses.Loss`` objects
+    return the plain mean over this replica's examples, not that mean divided by the strategy's replica count: user
+    losses written with Keras loss objects, and a layer's ``add_loss`` of one, then follow this module's ``b/B``
+    convention. Other threads, and code outside the context, get Keras' scaling."""
+    if getattr(_keras_loss, "scale_loss_for_distribution", None) is None:
         yield
         return
-    _keras_loss.scale_loss_for_distribution = _unscaled
+    with _lock:
+        _install()
+    _plain.depth = getattr(_plain, "depth", 0) + 1
     try:
         yield
     finally:
-        _keras_loss.scale_loss_for_distribution = original
+        _plain.depth -= 1
