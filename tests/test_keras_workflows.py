@@ -171,6 +171,29 @@ def test_fine_tuning_after_unfreezing_takes_a_new_trainer_as_fit_takes_a_new_com
     assert_weights_close(model, twin)
 
 
+def test_a_compiled_model_keeps_its_own_optimizer_after_a_trainer_ran_on_it():
+    """Callbacks see the Trainer's optimizer as ``self.model.optimizer`` during fit; it stayed on the model after, so
+    the model's own compiled ``fit`` afterwards trained with the Trainer's Adam, not its SGD (loss 0.339 against
+    0.212). Also after ``evaluate`` with callbacks; an uncompiled model gets no optimizer."""
+    model, _, twin = _pair()
+    own = keras.optimizers.SGD(0.1)
+    model.compile(optimizer=own, loss="mse")
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    seen = []
+    watch = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: seen.append(watch.model.optimizer))
+    trainer.fit(*TRAIN, batch_size=8, shuffle=False, progress=False, callbacks=[watch])
+    trainer.evaluate(*TRAIN, callbacks=[keras.callbacks.LambdaCallback()])
+    assert seen == [trainer.optimizer] and model.optimizer is own
+    twin.set_weights(model.get_weights())
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    args = {"batch_size": 8, "epochs": 1, "shuffle": False, "verbose": 0}
+    np.testing.assert_allclose(model.fit(*TRAIN, **args).history["loss"], twin.fit(*TRAIN, **args).history["loss"])
+    assert_weights_close(model, twin)
+    fresh, _, _ = _pair()
+    Trainer(fresh, optimizer="adam", loss="mse").fit(*TRAIN, batch_size=8, progress=False)
+    assert getattr(fresh, "optimizer", None) is None
+
+
 def test_weighted_metrics_use_the_sample_weights_as_in_fit():
     """A metric in both lists is logged twice, the weighted one as ``weighted_<name>`` — Keras' names."""
     x, y = TRAIN

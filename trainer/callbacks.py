@@ -64,23 +64,40 @@ class _ModelStandIn:
         self.stop_training = False
 
 
-def callback_model(model: Any, optimizer: keras.optimizers.Optimizer, evaluate: Callable | None = None) -> Any:
+def callback_model(
+    model: Any, optimizer: keras.optimizers.Optimizer, evaluate: Callable | None = None
+) -> tuple[Any, Callable[[], None]]:
     """The object callbacks get as ``self.model``: the Keras model itself, wired as ``Model.fit`` would wire it.
 
     ``evaluate`` (the Trainer's) answers a callback's ``self.model.evaluate(x, y)`` with Keras' signature and
-    defaults (a scalar or a list): the model's own would fail, it is not compiled. :meth:`CallbackList.teardown`
-    takes it away again.
+    defaults (a scalar or a list): the model's own would fail, it is not compiled.
+
+    Returns (that object, what gives the model back as it was — its own optimizer, or none, and ``evaluate``:
+    :meth:`CallbackList.teardown` calls it; a compiled model's later ``fit`` trained with the Trainer's optimizer).
     """
-    if isinstance(model, keras.Model):
-        model.optimizer = optimizer
-        model.stop_training = False
-        if evaluate is not None and not getattr(model, "compiled", False):
-            model.evaluate = _KerasEvaluate(evaluate)
-        return model
-    stand_in = _ModelStandIn(model, optimizer)
-    if evaluate is not None:
-        stand_in.evaluate = _KerasEvaluate(evaluate)
-    return stand_in
+    if not isinstance(model, keras.Model):
+        stand_in = _ModelStandIn(model, optimizer)
+        if evaluate is not None:
+            stand_in.evaluate = _KerasEvaluate(evaluate)
+        return stand_in, lambda: None
+    own = model.__dict__.get("optimizer", _ABSENT)
+    model.optimizer = optimizer
+    model.stop_training = False
+    if evaluate is not None and not getattr(model, "compiled", False):
+        model.evaluate = _KerasEvaluate(evaluate)
+
+    def give_back() -> None:
+        if own is _ABSENT:
+            del model.optimizer
+        else:
+            model.optimizer = own
+        if isinstance(model.__dict__.get("evaluate"), _KerasEvaluate):
+            del model.evaluate
+
+    return model, give_back
+
+
+_ABSENT = object()
 
 
 class _KerasEvaluate:
@@ -161,9 +178,17 @@ def _take_restored_epoch(model: Any) -> int | None:
 class CallbackList:
     """Calls each hook on every callback, in order (synchronously: a writer sees steps in order)."""
 
-    def __init__(self, callbacks: Iterable[keras.callbacks.Callback], *, model: Any, params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        callbacks: Iterable[keras.callbacks.Callback],
+        *,
+        model: Any,
+        params: dict[str, Any],
+        give_back: Callable[[], None] = lambda: None,
+    ) -> None:
         self.callbacks = list(callbacks)
         self.model = model
+        self._give_back = give_back  # the model as it was before callback_model lent it (see teardown)
         self._followed: list[keras.callbacks.Callback] = []
         for callback in self.callbacks:
             if not isinstance(callback, keras.callbacks.Callback):
@@ -216,9 +241,8 @@ class CallbackList:
 
     def teardown(self) -> None:
         """Always runs (from ``finally``): close progress bars and writers even when a step raised; the model's own
-        ``evaluate`` back (see :func:`callback_model`); monitoring callbacks' ``mode`` as given."""
-        if isinstance(getattr(self.model, "evaluate", None), _KerasEvaluate):
-            del self.model.evaluate
+        optimizer and ``evaluate`` back (see :func:`callback_model`); monitoring callbacks' ``mode`` as given."""
+        self._give_back()
         for callback in self._followed:
             callback.mode = "auto"  # as it was given (its monitor_op stays resolved)
         for callback in self.callbacks:

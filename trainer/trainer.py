@@ -328,10 +328,11 @@ class Trainer:
             warnings.warn(INEXACT_AT_EPOCH_ENDS, RuntimeWarning, stacklevel=2)
         level = (1 if progress else 0) if verbose == "auto" else verbose
         params = {"epochs": epochs, "steps": epochs_runner.steps, "verbose": level}
-        model = callback_model(self.model, self.optimizer, self.evaluate)  # what callbacks see as `self.model`
+        model, give_back = callback_model(self.model, self.optimizer, self.evaluate)  # callbacks' `self.model`
         writers = [WriterCallback(writer) for writer in progress_writers(verbose, progress)]
         weighting = [EpochWeighting(self.loss_weighting)] if self.loss_weighting else []
-        callbacks = CallbackList([*weighting, *callbacks, history, *writers], model=model, params=params)
+        listed = [*weighting, *callbacks, history, *writers]
+        callbacks = CallbackList(listed, model=model, params=params, give_back=give_back)
         sources = [*callbacks.callbacks, checkpointer]
         runner.set_periods(step_periods(sources, self.steps_per_execution))
         validation = None if val is None else Validation(val, validation_steps, validation_freq)
@@ -374,9 +375,12 @@ class Trainer:
         if self._runner is None:
             self._build(data.first_batch())
         budget, exact = eval_budget(data, optional(positive_int, "steps", steps))
-        model = callback_model(self.model, self.optimizer) if callbacks else None
-        listed = CallbackList(as_callbacks(callbacks), model=model, params={"steps": budget})
-        logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
+        model, give_back = callback_model(self.model, self.optimizer) if callbacks else (None, lambda: None)
+        listed = CallbackList(as_callbacks(callbacks), model=model, params={"steps": budget}, give_back=give_back)
+        try:
+            logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
+        finally:
+            listed.teardown()
         if verbose != 0:
             print(format_scalars(logs), flush=True)
         return logs if return_dict else self._metrics.keras_list(logs, self._objective.keras_names())
