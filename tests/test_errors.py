@@ -260,3 +260,21 @@ def test_infinite_data_without_a_step_count_is_named_for_every_use():
     first_two = (x[:16], {"output": y["output"][:16]})
     assert trainer.evaluate(endless, steps=2)["loss"] == pytest.approx(trainer.evaluate(first_two)["loss"], rel=1e-6)
     assert len(trainer.predict(endless, steps=3)["output"]) == 24
+
+
+def test_predict_names_an_output_whose_length_differs_between_batches():
+    """Sequences padded per batch: the output is (2, 2, 2) in one batch and (2, 5, 2) in the next. numpy's own
+    'all the input array dimensions except for the concatenation axis must match exactly' named neither."""
+    inputs = keras.Input((None, 3))
+    model = keras.Model(inputs, {"seq": keras.layers.Dense(2)(inputs)})
+    sequences = [np.ones((n, 3), "float32") for n in (2, 2, 5, 5)]
+    signature = tf.TensorSpec((None, 3), tf.float32)
+    data = tf.data.Dataset.from_generator(lambda: iter(sequences), output_signature=signature).padded_batch(2)
+    trainer = Trainer(model, optimizer="sgd", loss=lambda o, t: tf.reduce_mean(o["seq"]))
+    message = (r"predict: the output 'seq' has shape \(2, 2, 2\) in batch 0 and \(2, 5, 2\) in batch 1.*"
+               r"padded_shapes")  # fmt: skip
+    with pytest.raises(DataError, match=message):
+        trainer.predict(data)
+    fixed = tf.data.Dataset.from_generator(lambda: iter(sequences), output_signature=signature)
+    found = trainer.predict(fixed.padded_batch(2, padded_shapes=(5, 3)))["seq"]
+    np.testing.assert_allclose(found, model.predict(fixed.padded_batch(2, padded_shapes=(5, 3)), verbose=0)["seq"])

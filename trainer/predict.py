@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from trainer.cluster import check_same_batches, is_multi_worker
 from trainer.data import Data
-from trainer.errors import StepError
+from trainer.errors import DataError, StepError
 from trainer.inputs import VERBOSE, python_source
 from trainer.options import choice, optional, positive_int
 from trainer.step import own_function
@@ -93,4 +93,18 @@ class Predictor:
                     width = len(value) // len(sizes)
                     value = np.concatenate([value[r * width : r * width + n] for r, n in enumerate(sizes)])
                 chunks.setdefault(name, []).append(value)
-        return {name: np.concatenate(parts) for name, parts in chunks.items()}
+        return {name: _concatenate(name, parts) for name, parts in chunks.items()}
+
+
+def _concatenate(name: str, parts: list[np.ndarray]) -> np.ndarray:
+    """The batches of one output as one array; batches whose shapes differ beyond the batch axis are an error."""
+    shapes = [part.shape[1:] for part in parts]
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise DataError(
+                f"predict: the output {name!r} has shape {parts[0].shape} in batch 0 and {parts[i].shape} in batch "
+                f"{i}, so its batches cannot be joined into one array (Keras' predict returns a ragged tensor "
+                "here). Give batches of one shape — e.g. dataset.padded_batch(n, padded_shapes=...) with a fixed "
+                "length — or call the model batch by batch."
+            )
+    return np.concatenate(parts)
