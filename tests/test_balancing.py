@@ -327,3 +327,35 @@ def test_an_embeddings_sparse_gradients_are_aggregated_as_the_same_dense_ones(op
     assert sparse_history.keys() == dense_history.keys()
     for key in dense_history:
         np.testing.assert_allclose(sparse_history[key], dense_history[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("make", [lambda: GradNorm(1.5), DWA], ids=["gradnorm", "dwa"])
+def test_a_loss_weighting_learns_for_one_model_and_continues_only_there(make):
+    """A weighting object reused for a new model (a sweep over seeds with one config) started from the weights the
+    last run learned (GradNorm: first epoch 7.017 against 8.371), or failed with a bare 'slice index 2 of dimension
+    0 out of bounds' for other components. Now an error; a new Trainer on the same model continues it, as an
+    optimizer object does."""
+    x, y = helpers.example1_data(64)
+    weighting = make()
+
+    def run(model, loss=heads_apart):
+        trainer = Trainer(model, optimizer=keras.optimizers.SGD(5e-4), loss=loss, aggregator=weighting, seed=1)
+        return trainer.fit(x, y, batch_size=16, epochs=2, shuffle=False, progress=False).history
+
+    keras.utils.set_random_seed(0)
+    model = helpers.example1()
+    first = run(model)
+    with pytest.raises(ValueError, match=rf"This {type(weighting).__name__} already learns the loss weights of "
+                                         r"another model.*one for each Trainer"):  # fmt: skip
+        run(helpers.example1())
+    with pytest.raises(ValueError, match=r"weighs the components \['mse', 'ce'\].*\['mse', 'ce', 'agreement'\]"):
+        run(model, three_components)
+    keras.utils.set_random_seed(0)
+    twin = helpers.example1()
+    keras.utils.set_random_seed(0)
+    other = make()
+    expected = Trainer(twin, optimizer=keras.optimizers.SGD(5e-4), loss=heads_apart, aggregator=other, seed=1)
+    expected.fit(x, y, batch_size=16, epochs=4, shuffle=False, progress=False)
+    run(model)  # the same model: epochs 3 and 4 continue the weighting's state
+    np.testing.assert_allclose(weighting.factors.numpy(), other.factors.numpy(), rtol=1e-5)
+    assert first.keys() >= {"loss_weight/mse", "loss_weight/ce"}

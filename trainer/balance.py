@@ -12,6 +12,7 @@ linear, so R replicas or k micro-batches give the one-device, one-batch directio
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
@@ -23,7 +24,7 @@ from losses.aggregators import Aggregator, Sum
 from losses.weighting import LossWeighting
 from trainer.objective import REGULARIZATION
 
-__all__ = ["Balance", "EpochWeighting", "make_balance"]
+__all__ = ["Balance", "EpochWeighting", "claim", "make_balance"]
 
 
 class Balance:
@@ -220,6 +221,11 @@ def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:
         return None
     if weighting is not None and not hasattr(weighting, "factors"):
         weighting.build(keys)
+    elif weighting is not None and list(weighting.keys) != keys:
+        raise ValueError(
+            f"This {type(weighting).__name__} weighs the components {list(weighting.keys)}, but this Trainer's "
+            f"loss has {keys}: make a new one for it."
+        )
 
     def step_seed() -> tf.Tensor:  # (Trainer seed, optimizer step): a resumed run draws the same orders
         return tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
@@ -230,6 +236,27 @@ def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     return Balance(aggregator, weighting, keys, log_grad_norms=log_grad_norms, seed=step_seed, loss_scale=loss_scale,
                    loss_scaled=scaled)  # fmt: skip
+
+
+def claim(weighting: LossWeighting | None, model: Any) -> None:
+    """Bind a loss weighting to the model it learns for: its state (the learned weights, GradNorm's initial losses,
+    DWA's last epochs) is that training's. A new Trainer on the same model continues it, as an optimizer object
+    does; on another model (a sweep reusing one config) it would start from the last run's weights.
+
+    Raises:
+        ValueError: the weighting already learns for another model.
+    """
+    if weighting is None:
+        return
+    owner = getattr(weighting, "_tapeloop_model", None)
+    if owner is None:
+        weighting._tapeloop_model = weakref.ref(model)
+    elif owner() is not model:
+        name = type(weighting).__name__
+        raise ValueError(
+            f"This {name} already learns the loss weights of another model (its state would carry that run's "
+            f"weights into this one): make one for each Trainer, e.g. aggregator={name}(...) inside the loop."
+        )
 
 
 class EpochWeighting(keras.callbacks.Callback):

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from losses.aggregators import Aggregator, resolve
 from losses.weighting import LossWeighting
-from trainer.balance import EpochWeighting, make_balance
+from trainer.balance import EpochWeighting, claim, make_balance
 from trainer.callbacks import CallbackList, History, as_callbacks, callback_model, step_periods
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
@@ -122,6 +122,7 @@ class Trainer:
         self.gradient_accumulation_steps = positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
         self.log_grad_norms, self.model = log_grad_norms, model
         self.aggregator, self.loss_weighting = resolve(aggregator)
+        claim(self.loss_weighting, model)
         self.steps_per_execution = resolve_steps_per_execution(steps_per_execution)
         self.jit_compile, self.run_eagerly = jit_compile, run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
