@@ -345,7 +345,7 @@ def test_a_loss_weighting_learns_for_one_model_and_continues_only_there(make):
     keras.utils.set_random_seed(0)
     model = helpers.example1()
     first = run(model)
-    with pytest.raises(ValueError, match=rf"This {type(weighting).__name__} already learns the loss weights of "
+    with pytest.raises(ValueError, match=rf"This {type(weighting).__name__} already holds what it learned training "
                                          r"another model.*one for each Trainer"):  # fmt: skip
         run(helpers.example1())
     with pytest.raises(ValueError, match=r"weighs the components \['mse', 'ce'\].*\['mse', 'ce', 'agreement'\]"):
@@ -359,3 +359,29 @@ def test_a_loss_weighting_learns_for_one_model_and_continues_only_there(make):
     run(model)  # the same model: epochs 3 and 4 continue the weighting's state
     np.testing.assert_allclose(weighting.factors.numpy(), other.factors.numpy(), rtol=1e-5)
     assert first.keys() >= {"loss_weight/mse", "loss_weight/ce"}
+
+
+def test_a_loss_with_trainable_variables_is_not_carried_into_another_models_training():
+    """UncertaintyWeighting's log-variances, reused for a new model, started where the last run ended; a loss whose
+    variables are not trainable (a frozen feature extractor) is shared freely."""
+    from losses import UncertaintyWeighting, per_output
+
+    x, y = helpers.example1_data(32)
+    parts = {"mse": per_output("mse", output="regression_output"),
+             "ce": per_output("categorical_crossentropy", output="classification_output")}  # fmt: skip
+    weighting = UncertaintyWeighting(parts, regression={"mse"})
+    model = helpers.example1()
+    Trainer(model, optimizer="sgd", loss=weighting).fit(x, y, batch_size=16, progress=False)
+    Trainer(model, optimizer="sgd", loss=weighting)  # the same model: continues
+    with pytest.raises(ValueError, match=r"The loss \(UncertaintyWeighting\) owns trainable variables .*another model"):
+        Trainer(helpers.example1(), optimizer="sgd", loss=weighting)
+    with pytest.raises(ValueError, match=r"The loss 'uw' \(UncertaintyWeighting\) owns trainable variables"):
+        Trainer(helpers.example1(), optimizer="sgd", loss={"uw": weighting})
+    frozen = keras.Sequential([keras.layers.Dense(3, trainable=False)])
+
+    def features(outputs, targets):
+        gap = frozen(outputs["classification_output"]) - frozen(targets["classification_output"])
+        return tf.reduce_mean(tf.square(gap))
+
+    for _ in range(2):
+        Trainer(helpers.example1(), optimizer="sgd", loss=features).fit(x, y, batch_size=16, progress=False)

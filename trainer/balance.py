@@ -12,6 +12,7 @@ linear, so R replicas or k micro-batches give the one-device, one-batch directio
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
@@ -238,25 +239,28 @@ def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:
                    loss_scaled=scaled)  # fmt: skip
 
 
-def claim(weighting: LossWeighting | None, model: Any) -> None:
-    """Bind a loss weighting to the model it learns for: its state (the learned weights, GradNorm's initial losses,
-    DWA's last epochs) is that training's. A new Trainer on the same model continues it, as an optimizer object
-    does; on another model (a sweep reusing one config) it would start from the last run's weights.
+def claim(owner: Any, model: Any, *, learned: bool, what: str) -> None:
+    """Bind what learns alongside a model — a loss weighting (GradNorm, DWA), a loss with trainable variables
+    (UncertaintyWeighting) — to that model. A new Trainer on the same model continues its state, as an optimizer
+    object does; reused for another model (a sweep with one config) it would start where the last run ended.
+
+    Args:
+        owner: the object; a weak reference to the model is kept on it.
+        learned: it holds state from a training already (built weighting, existing trainable variables).
+        what: how the error names it.
 
     Raises:
-        ValueError: the weighting already learns for another model.
+        ValueError: ``owner`` learned with another model.
     """
-    if weighting is None:
-        return
-    owner = getattr(weighting, "_tapeloop_model", None)
-    if owner is None:
-        weighting._tapeloop_model = weakref.ref(model)
-    elif owner() is not model:
-        name = type(weighting).__name__
+    bound = getattr(owner, "_tapeloop_model", None)
+    if learned and bound is not None and bound() is not model:
         raise ValueError(
-            f"This {name} already learns the loss weights of another model (its state would carry that run's "
-            f"weights into this one): make one for each Trainer, e.g. aggregator={name}(...) inside the loop."
+            f"{what} already holds what it learned training another model (it would start this run where that one "
+            "ended): make a new one for each Trainer, inside the loop of a sweep."
         )
+    if bound is None or bound() is not model:
+        with contextlib.suppress(AttributeError, TypeError):  # a builtin or a partial: nothing to bind, no state
+            owner._tapeloop_model = weakref.ref(model)
 
 
 class EpochWeighting(keras.callbacks.Callback):

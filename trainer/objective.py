@@ -121,6 +121,10 @@ class Objective:
         """The loss names (keys of the loss dict); empty for a single unnamed loss."""
         return [n for n in self._entries if n is not None]
 
+    def entries(self) -> dict[str | None, Callable]:
+        """The loss callables by loss name (None: a single unnamed loss)."""
+        return dict(self._entries)
+
     def trainable_variables(self) -> list[tf.Variable]:
         """Variables owned by the losses themselves (a loss Layer's weights), trained with the model."""
         return self._owned("trainable_variables")

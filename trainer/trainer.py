@@ -122,7 +122,6 @@ class Trainer:
         self.gradient_accumulation_steps = positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
         self.log_grad_norms, self.model = log_grad_norms, model
         self.aggregator, self.loss_weighting = resolve(aggregator)
-        claim(self.loss_weighting, model)
         self.steps_per_execution = resolve_steps_per_execution(steps_per_execution)
         self.jit_compile, self.run_eagerly = jit_compile, run_eagerly
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -131,6 +130,7 @@ class Trainer:
             self.optimizer = make_optimizer(optimizer)
         loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
+        self._claim(model)
         self._metrics = MetricSpec(
             by_output_order("metrics", metrics, model, per_output=False),
             by_output_order("weighted_metrics", weighted_metrics, model, per_output=False),
@@ -143,6 +143,15 @@ class Trainer:
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._predictor: Predictor | None = None
+
+    def _claim(self, model: Any) -> None:
+        """What learns with the model is bound to it (see :func:`~trainer.balance.claim`)."""
+        if self.loss_weighting is not None:
+            learned, name = hasattr(self.loss_weighting, "factors"), type(self.loss_weighting).__name__
+            claim(self.loss_weighting, model, learned=learned, what=f"This {name}")
+        for name, fn in self._objective.entries().items():
+            label = f"The loss {'' if name is None else repr(name) + ' '}({type(fn).__name__}) owns trainable variables"
+            claim(fn, model, learned=bool(getattr(fn, "trainable_variables", None)), what=label)
 
     # -- public state ---------------------------------------------------------------------------------------------
 
