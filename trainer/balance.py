@@ -25,7 +25,7 @@ from losses.aggregators import Aggregator, Sum
 from losses.weighting import LossWeighting
 from trainer.objective import REGULARIZATION
 
-__all__ = ["Balance", "EpochWeighting", "claim", "make_balance"]
+__all__ = ["Balance", "EpochWeighting", "claim", "claim_learners", "make_balance"]
 
 
 class Balance:
@@ -261,6 +261,15 @@ def claim(owner: Any, model: Any, *, learned: bool, what: str) -> None:
     if bound is None or bound() is not model:
         with contextlib.suppress(AttributeError, TypeError):  # a builtin or a partial: nothing to bind, no state
             owner._tapeloop_model = weakref.ref(model)
+
+
+def claim_learners(model: Any, weighting: LossWeighting | None, losses: Mapping[str | None, Any]) -> None:
+    """:func:`claim` the loss weighting and every loss (by loss name) for ``model``."""
+    if weighting is not None:
+        claim(weighting, model, learned=hasattr(weighting, "factors"), what=f"This {type(weighting).__name__}")
+    for name, fn in losses.items():
+        label = f"The loss {'' if name is None else repr(name) + ' '}({type(fn).__name__}) owns trainable variables"
+        claim(fn, model, learned=bool(getattr(fn, "trainable_variables", None)), what=label)
 
 
 class EpochWeighting(keras.callbacks.Callback):

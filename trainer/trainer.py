@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from losses.aggregators import Aggregator, resolve
 from losses.weighting import LossWeighting
-from trainer.balance import EpochWeighting, claim, make_balance
+from trainer.balance import EpochWeighting, claim_learners, make_balance
 from trainer.callbacks import CallbackList, History, as_callbacks, callback_model, step_periods
 from trainer.checkpoints import Checkpointer
 from trainer.cluster import is_chief
@@ -130,7 +130,7 @@ class Trainer:
             self.optimizer = make_optimizer(optimizer)
         loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
-        self._claim(model)
+        claim_learners(model, self.loss_weighting, self._objective.entries())
         self._metrics = MetricSpec(
             by_output_order("metrics", metrics, model, per_output=False),
             by_output_order("weighted_metrics", weighted_metrics, model, per_output=False),
@@ -143,15 +143,6 @@ class Trainer:
         self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self._runner: BlockRunner | None = None  # built with the first batch (``_build``)
         self._predictor: Predictor | None = None
-
-    def _claim(self, model: Any) -> None:
-        """What learns with the model is bound to it (see :func:`~trainer.balance.claim`)."""
-        if self.loss_weighting is not None:
-            learned, name = hasattr(self.loss_weighting, "factors"), type(self.loss_weighting).__name__
-            claim(self.loss_weighting, model, learned=learned, what=f"This {name}")
-        for name, fn in self._objective.entries().items():
-            label = f"The loss {'' if name is None else repr(name) + ' '}({type(fn).__name__}) owns trainable variables"
-            claim(fn, model, learned=bool(getattr(fn, "trainable_variables", None)), what=label)
 
     # -- public state ---------------------------------------------------------------------------------------------
 
