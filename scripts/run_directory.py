@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import time
 from pathlib import Path
 
-__all__ = ["IDENTITY", "LOCK", "PARTS", "check_logdir", "locked", "move_aside", "where_it_stands", "write_json"]
+__all__ = [
+    "IDENTITY",
+    "LOCK",
+    "PARTS",
+    "check_logdir",
+    "locked",
+    "move_aside",
+    "new_run_directory",
+    "where_it_stands",
+    "write_json",
+]
 
 # What a rerun may not change:
 IDENTITY = ("task_file", "batch_size", "seed", "strategy", "replicas", "params", "aggregator")
@@ -34,6 +45,21 @@ def check_logdir(logdir: Path) -> None:
         path = logdir / part
         if path.exists() and not os.access(path, os.W_OK):
             raise SystemExit(f"error: {path} is not writable; fix its permissions or use another --logdir.")
+
+
+def new_run_directory(task: str) -> Path:
+    """The default ``--logdir``: ``runs/<task>-<timestamp>``, created here so that it is this run's alone — a run
+    started in the same second (a shell loop over seeds) gets ``-2``, ``-3``, ... instead of finding the other one's
+    directory in use, or resuming it."""
+    base = Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_logdir(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        logdir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        with contextlib.suppress(FileExistsError):
+            logdir.mkdir()  # atomic: of two processes, one creates it
+            return logdir
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

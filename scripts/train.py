@@ -36,7 +36,7 @@ QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ  # the user chose TensorFlow's 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_directory.py, next to this file
-from run_directory import check_logdir, locked, move_aside, where_it_stands, write_json  # noqa: E402
+from run_directory import check_logdir, locked, move_aside, new_run_directory, where_it_stands, write_json  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASK = "detection"
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> Run:
     if args.strategy == "multiworker" and args.logdir is None:
         raise SystemExit("error: --strategy multiworker needs --logdir (every worker must name the same directory)")
     name = Path(args.task).stem
-    logdir = Path(args.logdir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    logdir = Path(args.logdir) if args.logdir else new_run_directory(name)
     check_logdir(logdir)
     with quiet_native_logs():
         module = load_task(args.task)  # (imports TensorFlow)

@@ -173,6 +173,24 @@ def test_a_second_process_on_a_live_logdir_is_refused_naming_it(tmp_path):
     assert not (logdir / "checkpoints").exists()
 
 
+def test_runs_started_in_the_same_second_without_a_logdir_get_their_own_directories(tmp_path, monkeypatch):
+    """The default runs/<task>-<timestamp> is to the second: a second run started in the same second (a shell loop
+    over seeds with &) was refused as 'in use by a running run', or, the first one done, resumed it."""
+    import fcntl
+
+    main, task = _main(), _user_task(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20261128-015009")
+    first = tmp_path / "runs" / "task-20261128-015009"
+    first.mkdir(parents=True)
+    with open(first / ".lock", "w") as held:  # the first run, still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = main(["--task", str(task), "--no-progress", "--epochs", "1", "--seed", "2"])
+    third = main(["--task", str(task), "--no-progress", "--epochs", "1", "--seed", "3"])
+    assert [second.logdir, third.logdir] == [Path("runs/task-20261128-015009-2"), Path("runs/task-20261128-015009-3")]
+    assert json.loads((third.logdir / "config.json").read_text())["seed"] == 3
+
+
 def test_batch_size_reaches_a_task_that_returns_numpy_data(tmp_path):
     """A task may return NumPy ``(x, {name: array})``; ``--batch-size`` batches it (training and validation)."""
     from tests.test_cli import USER_TASK
