@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -54,12 +55,18 @@ def new_run_directory(task: str) -> Path:
     base = Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_logdir(base)
     base.parent.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        logdir = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    for logdir in _numbered(base):
         with contextlib.suppress(FileExistsError):
             logdir.mkdir()  # atomic: of two processes, one creates it
             return logdir
     raise AssertionError("unreachable")
+
+
+def _numbered(path: Path) -> Iterator[Path]:
+    """``path``, then ``path-2``, ``path-3``, ..."""
+    yield path
+    for n in itertools.count(2):
+        yield path.with_name(f"{path.name}-{n}")
 
 
 @contextlib.contextmanager
@@ -85,9 +92,11 @@ def locked(logdir: Path):
 
 
 def move_aside(logdir: Path) -> None:
-    """``--fresh``: the old run goes to ``<logdir>.old-<timestamp>``; nothing is deleted."""
+    """``--fresh``: the old run goes to ``<logdir>.old-<timestamp>`` (``-2``, ... if one was moved there in the same
+    second); nothing is deleted."""
     if logdir.is_dir() and any(p.name != LOCK for p in logdir.iterdir()):
-        aside = logdir.with_name(f"{logdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamped = logdir.with_name(f"{logdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = next(p for p in _numbered(stamped) if not p.exists())  # (one process: the run's lock is held)
         logdir.rename(aside)
         print(f"--fresh: the previous run in {logdir} was moved to {aside}", flush=True)
 

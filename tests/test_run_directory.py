@@ -189,6 +189,12 @@ def test_runs_started_in_the_same_second_without_a_logdir_get_their_own_director
     third = main(["--task", str(task), "--no-progress", "--epochs", "1", "--seed", "3"])
     assert [second.logdir, third.logdir] == [Path("runs/task-20261128-015009-2"), Path("runs/task-20261128-015009-3")]
     assert json.loads((third.logdir / "config.json").read_text())["seed"] == 3
+    again = ["--task", str(task), "--no-progress", "--epochs", "1", "--logdir", str(third.logdir), "--fresh"]
+    for seed in ("4", "5"):  # two --fresh in one second: the second old run may not land on the first one's name
+        main([*again, "--seed", seed])
+    aside = sorted(p.name for p in (tmp_path / "runs").glob("*.old-*"))
+    assert aside == ["task-20261128-015009-3.old-20261128-015009", "task-20261128-015009-3.old-20261128-015009-2"]
+    assert [json.loads((tmp_path / "runs" / name / "config.json").read_text())["seed"] for name in aside] == [3, 4]
 
 
 def test_batch_size_reaches_a_task_that_returns_numpy_data(tmp_path):
