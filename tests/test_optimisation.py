@@ -161,6 +161,30 @@ def test_mixed_precision_matches_model_fit_under_the_same_policy(name, policy):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(("built", "trained"), [("mixed_float16", "float32"), ("float32", "mixed_float16")])
+def test_loss_scaling_follows_the_models_policy_as_compile_does(built, trained, policy):
+    """compile wraps the optimizer when the *model* computes in float16 (its dtype_policy, fixed when it was built),
+    whatever the global policy is by then. A model built under mixed_float16 and trained after the global policy
+    went back to float32 lost its float16 gradients below 6e-8 without loss scaling (unchanged weights where fit
+    moved them); a float32 model got a LossScaleOptimizer it does not need."""
+    x, y = helpers.example1_data(64)
+    losses = {"regression_output": "mse", "classification_output": "categorical_crossentropy"}
+    tiny = {"regression_output": 1e-6, "classification_output": 1e-6}  # gradients that underflow float16
+    policy(built)
+    keras.utils.set_random_seed(0)
+    model, twin = helpers.example1(), None
+    keras.utils.set_random_seed(0)
+    twin = helpers.example1()
+    policy(trained)
+    twin.compile(optimizer=keras.optimizers.SGD(100.0), loss=losses, loss_weights=tiny)
+    twin.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    trainer = Trainer(model, optimizer=keras.optimizers.SGD(100.0), loss=losses, loss_weights=tiny)
+    trainer.fit(x, y, batch_size=32, epochs=1, shuffle=False, progress=False)
+    for a, b in zip(helpers.weights(model), helpers.weights(twin), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert type(trainer.optimizer) is type(twin.optimizer)
+
+
 def test_steps_the_loss_scaler_skips_are_not_non_finite_losses(policy):
     """An absurd initial scale overflows float16 gradients: the scaler skips and lowers the scale; the losses are
     finite, so nan_policy="raise" says nothing."""

@@ -17,6 +17,7 @@ __all__ = [
     "accepts_training",
     "check_flags",
     "choice",
+    "computes_in_float16",
     "make_optimizer",
     "non_negative_int",
     "optional",
@@ -87,9 +88,17 @@ def check_created_in(strategy: tf.distribute.Strategy, model: Any) -> None:
         )
 
 
-def make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
-    """The optimizer object; under the ``mixed_float16`` policy wrapped in a ``LossScaleOptimizer`` (dynamic loss
-    scaling), as ``Model.compile`` does."""
+def computes_in_float16(model: Any) -> bool:
+    """The model computes in float16: a Keras model's own ``dtype_policy`` (fixed when it was built, as
+    ``Model.compile`` reads it) is ``mixed_float16``; any other model: the global policy is."""
+    policy = getattr(model, "dtype_policy", None) if isinstance(model, keras.layers.Layer) else None
+    name = getattr(policy, "name", None) or keras.mixed_precision.global_policy().name
+    return name == "mixed_float16"
+
+
+def make_optimizer(optimizer: object, *, float16: bool = False) -> keras.optimizers.Optimizer:
+    """The optimizer object; for a model that computes in float16 (``float16``) wrapped in a ``LossScaleOptimizer``
+    (dynamic loss scaling), as ``Model.compile`` does."""
     if isinstance(optimizer, str):
         try:
             optimizer = keras.optimizers.get(optimizer)
@@ -107,7 +116,7 @@ def make_optimizer(optimizer: object) -> keras.optimizers.Optimizer:
             f"(optimizer={name.lower()!r})."
         )
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    if keras.mixed_precision.global_policy().name == "mixed_float16" and not scaled:
+    if float16 and not scaled:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 

@@ -39,6 +39,7 @@ from trainer.options import (
     check_same_variables,
     checkpoint_period,
     choice,
+    computes_in_float16,
     learning_rate_setting,
     make_optimizer,
     non_negative_int,
@@ -127,7 +128,7 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
             check_created_in(self.strategy, model)
-            self.optimizer = make_optimizer(optimizer)
+            self.optimizer = make_optimizer(optimizer, float16=computes_in_float16(model))
         loss, loss_weights = by_output_order("loss", loss, model), by_output_order("loss_weights", loss_weights, model)
         self._objective = Objective(loss, loss_weights)
         claim_learners(model, self.loss_weighting, self._objective.entries())
