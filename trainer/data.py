@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -28,18 +29,19 @@ COPY_LIMIT = 2**26  # bytes of numpy input up to which an epoch's batches slice 
 def _as_array(value: Any) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype == np.float64:
-        array = array.astype(np.float32)  # Keras' floatx, as Model.fit does
+        array = array.astype(keras.config.floatx())  # Keras' floatx (float32 by default), as Model.fit does
     return array
 
 
 def _float32(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """A dataset's float64 tensors (NumPy's default float) as float32, as numpy input is cast: Keras' losses cast
-    targets to float32 themselves, and tapeloop's callables see them as given."""
-    if not any(spec.dtype == tf.float64 for spec in tf.nest.flatten(dataset.element_spec)):
+    """A dataset's float64 tensors (NumPy's default float) in Keras' floatx, as numpy input is cast: Keras' losses
+    cast targets to it themselves, and tapeloop's callables see them as given."""
+    floatx = tf.as_dtype(keras.config.floatx())
+    if floatx == tf.float64 or not any(spec.dtype == tf.float64 for spec in tf.nest.flatten(dataset.element_spec)):
         return dataset
 
     def cast(*element: Any) -> Any:  # tf.data passes a tuple element's parts as arguments
-        cast_ = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype == tf.float64 else t, element)
+        cast_ = tf.nest.map_structure(lambda t: tf.cast(t, floatx) if t.dtype == tf.float64 else t, element)
         return cast_ if isinstance(dataset.element_spec, tuple) else cast_[0]
 
     return dataset.map(cast)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -36,7 +37,7 @@ def standardize(batch: Any, what: str) -> tuple | dict:
 
 def _spec(value: Any) -> tf.TensorSpec:
     array = np.asarray(value)
-    dtype = np.float32 if array.dtype == np.float64 else array.dtype  # Keras' floatx, as for numpy input
+    dtype = np.dtype(keras.config.floatx()) if array.dtype == np.float64 else array.dtype  # as for numpy input
     return tf.TensorSpec((None, *array.shape[1:]), tf.as_dtype(dtype))
 
 
