@@ -296,9 +296,13 @@ def test_a_dataset_of_float64_arrays_reaches_a_callable_loss_as_float32_as_fit_g
 
 @pytest.fixture
 def float64():
+    """floatx float64, and the layers' policy with it (a global policy set by an earlier test would otherwise stay)."""
+    policy = keras.mixed_precision.global_policy().name
     keras.config.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
     yield
     keras.config.set_floatx("float32")
+    keras.mixed_precision.set_global_policy(policy)
 
 
 @pytest.mark.parametrize("form", ["numpy", "dataset", "py_dataset"])
