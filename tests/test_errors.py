@@ -262,9 +262,10 @@ def test_infinite_data_without_a_step_count_is_named_for_every_use():
     assert len(trainer.predict(endless, steps=3)["output"]) == 24
 
 
-def test_predict_names_an_output_whose_length_differs_between_batches():
-    """Sequences padded per batch: the output is (2, 2, 2) in one batch and (2, 5, 2) in the next. numpy's own
-    'all the input array dimensions except for the concatenation axis must match exactly' named neither."""
+def test_predict_names_an_output_it_cannot_join_across_batches():
+    """Sequences padded per batch: the output is (2, 2, 2) in one batch and (2, 5, 2) in the next; numpy's own
+    'all the input array dimensions except for the concatenation axis must match exactly' named neither. A scalar
+    output: 'zero-dimensional arrays cannot be concatenated'."""
     inputs = keras.Input((None, 3))
     model = keras.Model(inputs, {"seq": keras.layers.Dense(2)(inputs)})
     sequences = [np.ones((n, 3), "float32") for n in (2, 2, 5, 5)]
@@ -275,6 +276,10 @@ def test_predict_names_an_output_whose_length_differs_between_batches():
                r"padded_shapes")  # fmt: skip
     with pytest.raises(DataError, match=message):
         trainer.predict(data)
+    scale = keras.layers.Lambda(lambda t: tf.constant(2.0), output_shape=())(inputs)
+    scalar = keras.Model(inputs, {"seq": model(inputs)["seq"], "scale": scale})
+    with pytest.raises(DataError, match=r"predict: the output 'scale' is a scalar, with no batch axis"):
+        Trainer(scalar, optimizer="sgd", loss=lambda o, t: tf.reduce_mean(o["seq"])).predict(np.ones((4, 5, 3)))
     fixed = tf.data.Dataset.from_generator(lambda: iter(sequences), output_signature=signature)
     found = trainer.predict(fixed.padded_batch(2, padded_shapes=(5, 3)))["seq"]
     np.testing.assert_allclose(found, model.predict(fixed.padded_batch(2, padded_shapes=(5, 3)), verbose=0)["seq"])

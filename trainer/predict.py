@@ -98,6 +98,12 @@ class Predictor:
 
 def _concatenate(name: str, parts: list[np.ndarray]) -> np.ndarray:
     """The batches of one output as one array; batches whose shapes differ beyond the batch axis are an error."""
+    if parts[0].ndim == 0:
+        raise DataError(
+            f"predict: the output {name!r} is a scalar, with no batch axis to join the batches along (Keras' predict "
+            "stacks one value per batch). predict returns per-example outputs: give it a batch axis, or read it from "
+            "the model itself."
+        )
     shapes = [part.shape[1:] for part in parts]
     for i, shape in enumerate(shapes):
         if shape != shapes[0]:
