@@ -192,6 +192,10 @@ def test_a_compiled_model_keeps_its_own_optimizer_after_a_trainer_ran_on_it():
     fresh, _, _ = _pair()
     Trainer(fresh, optimizer="adam", loss="mse").fit(*TRAIN, batch_size=8, progress=False)
     assert getattr(fresh, "optimizer", None) is None
+    for call in (trainer.fit, trainer.evaluate):  # a callback that is not one: refused before the model is lent
+        with pytest.raises(TypeError, match=r"keras\.callbacks\.Callback objects, got str"):
+            call(*TRAIN, callbacks=["print"])
+        assert model.optimizer is own
 
 
 def test_weighted_metrics_use_the_sample_weights_as_in_fit():

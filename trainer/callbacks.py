@@ -125,6 +125,9 @@ def as_callbacks(callbacks: Any, checkpoint_dir: Any = None) -> list[keras.callb
         callbacks = [callbacks]
     if not isinstance(callbacks, (list, tuple)):
         raise TypeError(f"callbacks must be a list of keras.callbacks.Callback, got {type(callbacks).__name__}.")
+    for callback in callbacks:  # before anything is lent to them (see callback_model)
+        if not isinstance(callback, keras.callbacks.Callback):
+            raise TypeError(f"callbacks must be keras.callbacks.Callback objects, got {type(callback).__name__}.")
     if checkpoint_dir is not None and any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks):
         raise ValueError(
             "Pass either checkpoint_dir or keras.callbacks.BackupAndRestore, not both: each restores the weights "

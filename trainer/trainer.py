@@ -377,8 +377,9 @@ class Trainer:
         if self._runner is None:
             self._build(data.first_batch())
         budget, exact = eval_budget(data, optional(positive_int, "steps", steps))
+        callbacks = as_callbacks(callbacks)
         model, give_back = callback_model(self.model, self.optimizer) if callbacks else (None, lambda: None)
-        listed = CallbackList(as_callbacks(callbacks), model=model, params={"steps": budget}, give_back=give_back)
+        listed = CallbackList(callbacks, model=model, params={"steps": budget}, give_back=give_back)
         try:
             logs = self._runner.evaluate(data.dataset(), budget, listed, exact=exact)
         finally:
