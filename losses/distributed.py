@@ -71,19 +71,22 @@ def global_normalizer(count: tf.Tensor, batch_size: tf.Tensor) -> tf.Tensor:
 _plain = threading.local()  # .depth: how many plain_keras_losses contexts this thread is in
 
 
+_installed: list = []  # [the dispatcher], once it has replaced Keras' function
+
+
 def _install() -> None:
     """Replace Keras' scaling function, once, by one that is the identity in this module's context and Keras' own
     elsewhere. Swapping the function in and out per call raced: MirroredStrategy traces each replica in its own
     thread, and the last thread out could put the identity back for good (``Model.fit`` later in the process then
     trained on N x its loss)."""
-    keras_scaling = _keras_loss.scale_loss_for_distribution
-    if getattr(keras_scaling, "_tapeloop", False):
+    if _installed and _keras_loss.scale_loss_for_distribution is _installed[0]:
         return
+    keras_scaling = _keras_loss.scale_loss_for_distribution
 
     def scale_loss_for_distribution(value: tf.Tensor) -> tf.Tensor:
         return value if getattr(_plain, "depth", 0) else keras_scaling(value)
 
-    scale_loss_for_distribution._tapeloop = True
+    _installed[:] = [scale_loss_for_distribution]
     _keras_loss.scale_loss_for_distribution = scale_loss_for_distribution
 
 

@@ -245,22 +245,28 @@ def claim(owner: Any, model: Any, *, learned: bool, what: str) -> None:
     object does; reused for another model (a sweep with one config) it would start where the last run ended.
 
     Args:
-        owner: the object; a weak reference to the model is kept on it.
+        owner: the object (a weak reference to it and to the model are kept).
         learned: it holds state from a training already (built weighting, existing trainable variables).
         what: how the error names it.
 
     Raises:
         ValueError: ``owner`` learned with another model.
     """
-    bound = getattr(owner, "_tapeloop_model", None)
+    try:
+        bound = _MODELS.get(owner)
+    except TypeError:  # not weakly referable (a builtin): no state of its own
+        return
     if learned and bound is not None and bound() is not model:
         raise ValueError(
             f"{what} already holds what it learned training another model (it would start this run where that one "
             "ended): make a new one for each Trainer, inside the loop of a sweep."
         )
     if bound is None or bound() is not model:
-        with contextlib.suppress(AttributeError, TypeError):  # a builtin or a partial: nothing to bind, no state
-            owner._tapeloop_model = weakref.ref(model)
+        with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced: nothing to compare later
+            _MODELS[owner] = weakref.ref(model)
+
+
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loss weighting or loss -> its model (weak)
 
 
 def claim_learners(model: Any, weighting: LossWeighting | None, losses: Mapping[str | None, Any]) -> None:

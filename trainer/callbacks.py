@@ -193,9 +193,7 @@ class CallbackList:
         self.model = model
         self._give_back = give_back  # the model as it was before callback_model lent it (see teardown)
         self._followed: list[keras.callbacks.Callback] = []
-        for callback in self.callbacks:
-            if not isinstance(callback, keras.callbacks.Callback):
-                raise TypeError(f"callbacks must be keras.callbacks.Callback objects, got {type(callback).__name__}.")
+        for callback in self.callbacks:  # (checked by as_callbacks)
             callback.set_model(model)
             callback.set_params(params)
 

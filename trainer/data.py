@@ -33,7 +33,7 @@ def _as_array(value: Any) -> np.ndarray:
     return array
 
 
-def _float32(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def _in_floatx(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """A dataset's float64 tensors (NumPy's default float) in Keras' floatx, as numpy input is cast: Keras' losses
     cast targets to it themselves, and tapeloop's callables see them as given."""
     floatx = tf.as_dtype(keras.config.floatx())
@@ -126,13 +126,13 @@ class Data:
         spec = dataset.element_spec
         if not self.with_targets:  # the inputs: x of (x, targets) and of Keras' (x,), (x, y), (x, y, sample_weight)
             inputs = dataset.map(lambda x, *rest: x) if isinstance(spec, tuple) and len(spec) <= 3 else dataset
-            return _float32(inputs)
+            return _in_floatx(inputs)
         if not _element_tuple(spec):
             raise DataError(
                 f"{self.what}: each dataset element must be {_SHAPE_HINT} with the targets a dict keyed by name; "
                 f"got elements of spec {spec}."
             )
-        return _float32(dataset)
+        return _in_floatx(dataset)
 
     def _check_arrays(self, source: Any) -> Any:
         if self.with_targets:
