@@ -210,8 +210,10 @@ def test_a_skipped_non_finite_step_changes_nothing():
 
 
 def test_mixed_precision_takes_the_loss_scale_out_of_the_gramian():
-    """The same run under loss scales 1 and 2^4 (powers of two: exact) logs the same aggregation weights; and it
-    trains like float32 (the weights themselves are sensitive to float16 rounding: 13 % on ce here)."""
+    """The same run under loss scales 1 and 2^4 logs the same aggregation weights (a Gramian left scaled by 2^8 would
+    change them completely); not to the last bit: at scale 1 float16 gradients below 2^-14 lose bits that 2^4 keeps,
+    and the first step's weight already differs in the 8th digit. And it trains like float32 (the weights themselves
+    are sensitive to float16 rounding: 13 % on ce here)."""
     _, reference, _ = _train("upgrad", loss=heads_apart, epochs=1)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -221,7 +223,8 @@ def test_mixed_precision_takes_the_loss_scale_out_of_the_gramian():
             runs.append(_train("upgrad", loss=heads_apart, epochs=1, optimizer=scaled)[1])
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert runs[0] == runs[1]
+    for key in runs[0]:
+        np.testing.assert_allclose(runs[0][key], runs[1][key], rtol=1e-6, err_msg=key)
     for key in ("mse", "ce", "agg_weight/mse"):
         np.testing.assert_allclose(runs[0][key], reference[key], rtol=2e-2, err_msg=key)
 

@@ -103,3 +103,50 @@ def test_seeded_runs_are_identical():
         return model.get_weights()
 
     assert all(np.array_equal(a, b) for a, b in zip(run(), run(), strict=True))
+
+
+def _unknown_length(x, y, batch):
+    """The same batches from a pipeline whose length TensorFlow does not know (a filter)."""
+    data = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: True)
+    return data.batch(batch)
+
+
+@pytest.mark.parametrize("known_length", [True, False])
+@pytest.mark.parametrize("bad_step", [1, 2, 4, 5, 7])
+def test_a_non_finite_step_anywhere_in_a_block_changes_no_weight(bad_step, known_length):
+    """In blocks of 4 steps, a NaN at a block's first (step 1, 5), a middle (2, 7) or its last step (4), from data
+    of known or unknown length, stops before that step's update: the weights are those of a run over the steps
+    before it, bit for bit (also a guard for any restructuring of the in-graph loop)."""
+    x, y = _poisoned({bad_step - 1})
+    model, reference = helpers.small_model(), helpers.small_model()
+    data = (x, y) if known_length else _unknown_length(x, y, 4)
+    trainer = Trainer(model, optimizer=keras.optimizers.Adam(0.05), loss={"output": "mse"}, steps_per_execution=4)
+    with pytest.raises(NonFiniteLossError, match=f"Non-finite loss at training step {bad_step}: loss=nan"):
+        trainer.fit(data, batch_size=4 if known_length else None, shuffle=False, progress=False)
+    assert trainer.global_step == trainer.optimizer.iterations.numpy() == bad_step - 1
+    clean = (x[: 4 * (bad_step - 1)], {"output": y["output"][: 4 * (bad_step - 1)]})
+    if bad_step > 1:
+        Trainer(reference, optimizer=keras.optimizers.Adam(0.05), loss={"output": "mse"}).fit(
+            clean, batch_size=4, shuffle=False, progress=False
+        )
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", [32, 28, 20, 4])
+def test_data_ending_inside_a_block_applies_every_step_once(n):
+    """A pipeline of unknown length ends inside a block (or fills its blocks exactly): every step is applied once,
+    bit-identical to one step per call, and the logs are the same."""
+    x, y = helpers.small_data(n)
+    runs = []
+    for steps in (1, 3, 4):
+        model = helpers.small_model()
+        trainer = Trainer(
+            model, optimizer=keras.optimizers.Adam(0.05), loss={"output": "mse"}, steps_per_execution=steps
+        )
+        history = trainer.fit(_unknown_length(x, y, 4), epochs=2, progress=False).history
+        runs.append((history, model.get_weights(), trainer.global_step))
+    for history, weights, global_step in runs[1:]:
+        assert history == runs[0][0] and global_step == runs[0][2] == 2 * (n // 4)
+        for a, b in zip(weights, runs[0][1], strict=True):
+            np.testing.assert_array_equal(a, b)
