@@ -61,10 +61,18 @@ class Tracker:
     def update_means(self, values: Mapping[str, tf.Tensor], batch_size: tf.Tensor, ok: tf.Tensor | None = None) -> None:
         """Add one batch: ``values`` are the batch means, ``batch_size`` its number of examples; nothing when ``ok``
         is False (a skipped step: its values may be NaN)."""
-        stacked = tf.stack([tf.cast(values[k], tf.float32) for k in self.mean_keys])
+        stacked = self.stack_means(values)
         if ok is not None:
             stacked = tf.where(ok, stacked, 0.0)
             batch_size = tf.where(ok, batch_size, 0.0)
+        self.add_means(stacked, batch_size)
+
+    def stack_means(self, values: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The batch means of ``mean_keys`` as one vector (what :meth:`add_means` adds)."""
+        return tf.stack([tf.cast(values[k], tf.float32) for k in self.mean_keys])
+
+    def add_means(self, stacked: tf.Tensor, batch_size: tf.Tensor) -> None:
+        """Add one batch from :meth:`stack_means`' vector and its number of examples."""
         self._sums.assign_add(stacked * batch_size)
         self._count.assign_add(batch_size)
 

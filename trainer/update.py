@@ -39,6 +39,7 @@ class Micro(NamedTuple):
     grads: list[tf.Tensor | None]  # per trainable variable: gradient of the global mean (None: not connected)
     examples: tf.Tensor | None  # float32: examples in the global (micro-)batch (None: not counted)
     components: list[list[tf.Tensor]]  # (balancing) per component: its gradient of each shared variable
+    tracked: tuple  # (deferred tracking) the batch means to track and the batch's examples; () otherwise
 
 
 class StepMath:
@@ -103,13 +104,26 @@ class StepMath:
         total = self._objective.total(parts, weights)
         return outputs, parts, {**parts, TOTAL: total}, weights
 
-    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor], ok=None) -> None:
+    def _observe(self, mode: str, inputs: Any, targets, outputs, values: dict[str, tf.Tensor], ok=None,
+                 defer: bool = False) -> tuple:  # fmt: skip
         """Track one batch; with ``ok`` (training), only when it is True: a skipped step's values may be NaN.
 
         Batch means are masked (``ok`` False weighs the batch 0), cheaper than a tf.cond and its captured inputs;
         Keras metric objects update their own state, so with them the whole observation goes under a tf.cond.
+        ``defer``: return the batch means and the example count instead of adding them (the caller adds them with
+        the step's update, see ``Steps._pipelined``); Keras metric objects are still updated here.
         """
         tracker = self.trackers[mode]
+        if defer:
+            metric_values = self._metrics.callable_values(outputs, targets, self._hint)
+            if tracker.metrics:
+
+                def update() -> tf.Tensor:
+                    self._metrics.update(tracker.metrics, outputs, targets)
+                    return tf.constant(True)
+
+                tf.cond(ok, update, lambda: tf.constant(False))
+            return tracker.stack_means({**values, **metric_values}), batch_size_of(inputs)
         if ok is not None and tracker.metrics:
 
             def observe() -> tf.Tensor:
@@ -117,14 +131,15 @@ class StepMath:
                 return tf.constant(True)
 
             tf.cond(ok, observe, lambda: tf.constant(False))
-            return
+            return ()
         metric_values = self._metrics.callable_values(outputs, targets, self._hint)
         values = {**values, **self._empty_is_zero(inputs, metric_values)}
         tracker.update_means(values, batch_size_of(inputs), ok)
         self._metrics.update(tracker.metrics, outputs, targets)
+        return ()
 
     @plain_keras_losses()  # Keras loss objects in the user's losses, metrics and add_loss: the plain mean
-    def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
+    def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor, defer: bool = False):
         inputs, targets = batch
         share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
         with tf.GradientTape(persistent=self._jacobian) as tape:
@@ -148,8 +163,8 @@ class StepMath:
             stacked = tf.distribute.get_replica_context().all_reduce(SUM, stacked * share)
         finite = tf.math.is_finite(stacked)
         # A step is skipped for all replicas or none: each masks its own tracking with the global flag.
-        self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite))
-        return finite, stacked, grads, batch_size_of(inputs), components
+        tracked = self._observe("train", inputs, targets, outputs, values, ok=tf.reduce_all(finite), defer=defer)
+        return finite, stacked, grads, batch_size_of(inputs), components, tracked
 
     @plain_keras_losses()
     def _eval_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor):
@@ -166,12 +181,17 @@ class StepMath:
     def _sum(self, value: Any) -> tf.Tensor:
         return self.strategy.reduce(SUM, value, axis=None)
 
-    def micro(self, batch: Any, weights: tf.Tensor, count: bool = True) -> Micro:
+    def micro(self, batch: Any, weights: tf.Tensor, count: bool = True, defer: bool = False) -> Micro:
         """Forward/backward of one global (micro-)batch; gradients summed over replicas, still scaled.
 
         ``count``: also sum the examples over replicas (gradient accumulation weighs micro-batches by them; a
-        collective is not pruned when unused, so a plain step skips it)."""
-        finite, values, grads, examples, components = self.strategy.run(self._train_replica, args=(batch, weights))
+        collective is not pruned when unused, so a plain step skips it). ``defer``: (one replica) return the
+        batch's tracked means instead of adding them (``Micro.tracked``)."""
+        if defer and self._replicas > 1:
+            raise ValueError("Deferred tracking needs one replica: each replica adds its own share.")
+        finite, values, grads, examples, components, tracked = self.strategy.run(
+            self._train_replica, args=(batch, weights), kwargs={"defer": defer}
+        )
         local = self.strategy.experimental_local_results  # the flags and means are global on every replica already
         return Micro(
             finite=local(finite)[0],
@@ -179,28 +199,40 @@ class StepMath:
             grads=[None if g is None else self._sum(g) for g in grads],
             examples=self._sum(examples) if count else None,
             components=[[self._sum(g) for g in per_key] for per_key in components],
+            tracked=tuple(local(t)[0] for t in tracked),
         )
 
     def apply(self, grads: list[tf.Tensor | None], components: list[list[tf.Tensor]], values: tf.Tensor,
               finite: tf.Tensor) -> None:  # fmt: skip
-        """The one guarded update: nothing changes when a loss component is non-finite.
-
-        With balancing, the components' gradients of the shared variables are aggregated into ``grads`` first
-        (``values``: the step's global means in ``loss_keys`` order, for GradNorm).
-        """
-        after = None
-        if self.balance is not None:
-            own = tf.gather(values, [self.loss_keys.index(key) for key in self.balance.keys])
-            grads, after = self.balance.combine(grads, components, own)
-        pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
+        """The one guarded update: nothing changes when a loss component is non-finite (see :meth:`combine` and
+        :meth:`update`)."""
+        grads, after = self.combine(grads, components, values)
 
         def update() -> tf.Tensor:
-            self.optimizer.apply_gradients(pairs)  # a LossScaleOptimizer unscales (and skips on overflow)
-            if after is not None:
-                after(self.trackers["train"].update_step_means)
+            self.update(grads, after)
             return tf.constant(True)
 
         tf.cond(tf.reduce_all(finite), update, lambda: tf.constant(False))
+
+    def combine(self, grads: list[tf.Tensor | None], components: list[list[tf.Tensor]], values: tf.Tensor) -> tuple:
+        """With balancing, the components' gradients of the shared variables aggregated into ``grads`` (``values``:
+        the step's global means in ``loss_keys`` order, for GradNorm). Returns (the gradients, what :meth:`update`
+        runs after the update, or None).
+
+        Outside any ``tf.cond`` of the update: inside one, the aggregated gradients would belong to the branch's
+        graph and the others to the outer one, which Keras' gradient all-reduce refuses."""
+        if self.balance is None:
+            return grads, None
+        own = tf.gather(values, [self.loss_keys.index(key) for key in self.balance.keys])
+        return self.balance.combine(grads, components, own)
+
+    def update(self, grads: list[tf.Tensor | None], after: Callable | None = None) -> None:
+        """The optimizer update, unguarded: the caller knows the step is finite (:meth:`apply`, or the pipelined
+        loop in ``trainer/step.py``, which ends before a non-finite step's update). ``after``: from :meth:`combine`.
+        """
+        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, self.variables) if g is not None])
+        if after is not None:  # a LossScaleOptimizer unscaled (and skipped on overflow) above
+            after(self.trackers["train"].update_step_means)
 
     def train(self, batch: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One step on one batch: returns (finite flags, values)."""
