@@ -7,9 +7,9 @@ ends or a loss component is non-finite (``nan_policy="raise"``; with ``"skip"`` 
 counted, and the block stops only after more than ``max_consecutive_skips`` skips in a row). It returns one vector
 with everything the host needs, read once per block. The mathematics of a step is in ``trainer/update.py``.
 
-Two training loops: the default one is software-pipelined (``Steps._pipelined``: each iteration applies the step
-before it, so the loop's predicate is the guard against a non-finite step), the other runs each step whole with its
-update in a ``tf.cond`` (``nan_policy="skip"``, gradient accumulation, several replicas, XLA).
+Two training loops: the default one is software-pipelined (each iteration applies the step before it, so the
+loop's predicate is the guard against a non-finite step), the other runs each step whole with its update in a
+``tf.cond`` (``nan_policy="skip"``, gradient accumulation, several replicas, XLA).
 """
 
 from __future__ import annotations
@@ -202,10 +202,8 @@ class Steps:
 
         if mode == "train" and self._pipeline:
             ran, more, values = self._pipelined(iterator, num_steps, exact, weights)
-            finite, skipped, consecutive = tf.math.is_finite(values), self.skipped, self.consecutive
-            return self._result(
-                mode, ran, more, skipped.read_value(), consecutive.read_value(), stopped, finite, values
-            )
+            skipped, consecutive = self.skipped.read_value(), self.consecutive.read_value()  # 0 under "raise"
+            return self._result(mode, ran, more, skipped, consecutive, stopped, tf.math.is_finite(values), values)
         skips = self._skip and mode == "train"
         # Only what can change is carried (each loop variable costs a few executor ops per step): whether data is
         # left only when the host does not know it is, the skip counters only under nan_policy="skip".

@@ -111,20 +111,10 @@ class StepMath:
         Batch means are masked (``ok`` False weighs the batch 0), cheaper than a tf.cond and its captured inputs;
         Keras metric objects update their own state, so with them the whole observation goes under a tf.cond.
         ``defer``: return the batch means and the example count instead of adding them (the caller adds them with
-        the step's update, see ``Steps._pipelined``); Keras metric objects are still updated here.
+        the step's update: the pipelined loop in ``trainer/step.py``); Keras metric objects are still updated here.
         """
         tracker = self.trackers[mode]
-        if defer:
-            metric_values = self._metrics.callable_values(outputs, targets, self._hint)
-            if tracker.metrics:
-
-                def update() -> tf.Tensor:
-                    self._metrics.update(tracker.metrics, outputs, targets)
-                    return tf.constant(True)
-
-                tf.cond(ok, update, lambda: tf.constant(False))
-            return tracker.stack_means({**values, **metric_values}), batch_size_of(inputs)
-        if ok is not None and tracker.metrics:
+        if ok is not None and tracker.metrics and not defer:
 
             def observe() -> tf.Tensor:
                 self._observe(mode, inputs, targets, outputs, values)
@@ -134,9 +124,18 @@ class StepMath:
             return ()
         metric_values = self._metrics.callable_values(outputs, targets, self._hint)
         values = {**values, **self._empty_is_zero(inputs, metric_values)}
-        tracker.update_means(values, batch_size_of(inputs), ok)
-        self._metrics.update(tracker.metrics, outputs, targets)
-        return ()
+        if not defer:
+            tracker.update_means(values, batch_size_of(inputs), ok)
+            self._metrics.update(tracker.metrics, outputs, targets)
+            return ()
+        if tracker.metrics:
+
+            def update() -> tf.Tensor:
+                self._metrics.update(tracker.metrics, outputs, targets)
+                return tf.constant(True)
+
+            tf.cond(ok, update, lambda: tf.constant(False))
+        return tracker.stack_means(values), batch_size_of(inputs)
 
     @plain_keras_losses()  # Keras loss objects in the user's losses, metrics and add_loss: the plain mean
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor, defer: bool = False):
