@@ -23,6 +23,9 @@ import tensorflow as tf
 
 from losses.aggregators import Aggregator, Sum
 from losses.weighting import LossWeighting
+from trainer.gramian import PAIRWISE, dense_kernels
+from trainer.gramian import direction as factored_direction
+from trainer.gramian import gramian as gramian_of
 from trainer.objective import REGULARIZATION
 
 __all__ = ["Balance", "EpochWeighting", "claim", "claim_learners", "make_balance"]
@@ -39,6 +42,8 @@ class Balance:
         seed: returns the step's seed (2 ints) for randomised aggregators (PCGrad).
         loss_scale: returns the optimizer's loss scale (1 without mixed precision).
         loss_scaled: the optimizer is a ``LossScaleOptimizer`` (statistics then skip the steps it skips).
+        factorable: the components' gradients are neither summed over replicas nor over micro-batches, so a Dense
+            kernel's may stay factored (``trainer/gramian.py``).
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class Balance:
         seed: Callable[[], tf.Tensor],
         loss_scale: Callable[[], tf.Tensor],
         loss_scaled: bool = False,
+        factorable: bool = False,
     ) -> None:
         self.aggregator = aggregator
         self.weighting = weighting
@@ -64,6 +70,9 @@ class Balance:
         self.jacobian = self._aggregates or log_grad_norms or needs
         self._pairs = list(combinations(range(len(self.keys)), 2))
         self.shared: list[int] | None = None  # indices of the shared variables, known once traced
+        self.factorable = factorable
+        self.factored: list[int] = []  # positions in ``shared`` of the Dense kernels kept factored, once traced
+        self._dtypes: list[tf.DType] = []  # their variables' dtypes
 
     def step_keys(self) -> list[str]:
         """The per-step statistics :meth:`combine` returns, in order (epoch means in the logs)."""
@@ -83,22 +92,39 @@ class Balance:
     # -- on each replica ------------------------------------------------------------------------------------------
 
     def replica_gradients(
-        self, tape: tf.GradientTape, terms: Sequence[tf.Tensor], extra: tf.Tensor | None, variables: list[tf.Variable]
+        self,
+        tape: tf.GradientTape,
+        terms: Sequence[tf.Tensor],
+        extra: tf.Tensor | None,
+        variables: list[tf.Variable],
+        mark: int | None = None,
     ) -> tuple[list[tf.Tensor | None], list[list[tf.Tensor]]]:
         """(gradients of everything but the shared variables' components, the m components' shared gradients).
 
         ``terms`` are the m weighted (and loss-scaled) components, ``extra`` the scaled regularization term.
         The first list holds, per variable, the sum of the gradients that are not aggregated: for a shared
-        variable only ``extra``'s, for any other the sum of every term's.
+        variable only ``extra``'s, for any other the sum of every term's. ``mark``: where the forward pass's ops
+        begin in the traced graph (``gramian.graph_mark``). A Dense kernel found there (when ``factorable``) is
+        kept factored: its entry in each component's list is that component's gradient of the layer's ``x @ W``,
+        and one more list holds the layers' ``x`` (positions ``factored``).
         """
-        per_key = [tape.gradient(term, variables) for term in terms]
-        rest = tape.gradient(extra, variables) if extra is not None else [None] * len(variables)
-        if self.shared is None:
+        kernels = dense_kernels(mark, variables) if self.factorable else {}  # before any gradient op is traced
+        per_key = None
+        if self.shared is None:  # which variables are shared (the first trace; an unused gradient is pruned)
+            per_key = [tape.gradient(term, variables) for term in terms]
             users = [sum(g[j] is not None for g in per_key) for j in range(len(variables))]
             shared = [j for j, n in enumerate(users) if n > 1]
             if not shared and not self._aggregates:  # norms (log_grad_norms, GradNorm) over every used variable
                 shared = [j for j, n in enumerate(users) if n > 0]
             self.shared = shared  # none: each variable keeps its one component's gradient
+        found = {slot: kernels[j] for slot, j in enumerate(self.shared) if j in kernels}
+        self.factored, self._dtypes = sorted(found), [variables[self.shared[slot]].dtype for slot in sorted(found)]
+        sources = list(variables)
+        for slot, (_, y) in found.items():  # differentiate up to x @ W: the kernel's own gradient is not formed
+            sources[self.shared[slot]] = y
+        if per_key is None or found:
+            per_key = [tape.gradient(term, sources) for term in terms]
+        rest = tape.gradient(extra, variables) if extra is not None else [None] * len(variables)
         shared = set(self.shared)
         grads = []
         for j in range(len(variables)):
@@ -106,9 +132,9 @@ class Balance:
             parts = [p for p in parts if p is not None]
             grads.append(tf.add_n(parts) if parts else None)
         # An Embedding's gradient is an IndexedSlices: the Gramian and the direction need the dense rows.
-        components = [[tf.zeros_like(variables[j]) if g[j] is None else tf.convert_to_tensor(g[j]) for j in self.shared]
+        components = [[tf.zeros_like(sources[j]) if g[j] is None else tf.convert_to_tensor(g[j]) for j in self.shared]
                       for g in per_key]  # fmt: skip
-        return grads, components
+        return grads, components + ([[found[slot][0] for slot in self.factored]] if found else [])
 
     # -- over all replicas (cross-replica context) ----------------------------------------------------------------
 
@@ -127,9 +153,14 @@ class Balance:
         factors = None if self.weighting is None else tf.convert_to_tensor(self.weighting.factors)
         if self.jacobian:
             # G from per-variable products in float32, solved in float64. The gradients carry the loss scale (mixed
-            # precision): G is divided by its square.
-            rows = _stacked(components) if m > PAIRWISE else None
-            gramian = tf.cast(_gramian(components, rows), tf.float64)
+            # precision): G is divided by its square. Factored Dense kernels add their share from x and the δs.
+            components, inputs = components[:m], components[m] if self.factored else []
+            factored = dict(zip(self.factored, zip(inputs, self._dtypes)))
+            explicit = [[g for slot, g in enumerate(per_key) if slot not in factored] for per_key in components]
+            rows = _stacked(explicit) if m > PAIRWISE else None
+            parts = [_gramian(explicit, rows)]
+            parts += [gramian_of(x, [per_key[slot] for per_key in components]) for slot, (x, _) in factored.items()]
+            gramian = tf.cast(tf.add_n(parts), tf.float64)
             if self._loss_scaled:
                 gramian /= tf.cast(self._loss_scale(), tf.float64) ** 2
             # Overflowed gradients (the loss scaler then skips the step): keep the solvers defined, track nothing.
@@ -142,9 +173,13 @@ class Balance:
             if self._aggregates:
                 seed = self._seed() if self.aggregator.random else None
                 weights = tf.cast(self.aggregator.weights(gramian, seed), tf.float32)
+            stacked = iter(rows or [])
             for slot, j in enumerate(self.shared):  # the direction: the weighted rows
-                stacked = None if rows is None else rows[slot]
-                direction = _combine([per_key[slot] for per_key in components], weights, stacked)
+                gradients = [per_key[slot] for per_key in components]
+                if slot in factored:
+                    direction = factored_direction(factored[slot][0], gradients, weights, factored[slot][1])
+                else:
+                    direction = _combine(gradients, weights, next(stacked, None))
                 grads[j] = direction if grads[j] is None else grads[j] + direction
             if self.log_grad_norms:
                 stats.append(tf.cast(tf.sqrt(tf.maximum(tf.linalg.diag_part(gramian), 0.0)), tf.float32))
@@ -172,9 +207,6 @@ class Balance:
                 observe()
 
         return grads, after_update
-
-
-PAIRWISE = 3  # up to this many components, G and the direction skip stacking the rows (measured faster)
 
 
 def _stacked(components: list[list[tf.Tensor]]) -> list[tf.Tensor]:
@@ -235,8 +267,9 @@ def make_balance(trainer: Any, keys: Sequence[str]) -> Balance | None:
         return optimizer.scale_loss(tf.constant(1.0))
 
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    factorable = trainer.strategy.num_replicas_in_sync == 1 and trainer.gradient_accumulation_steps == 1
     return Balance(aggregator, weighting, keys, log_grad_norms=log_grad_norms, seed=step_seed, loss_scale=loss_scale,
-                   loss_scaled=scaled)  # fmt: skip
+                   loss_scaled=scaled, factorable=factorable)  # fmt: skip
 
 
 def claim(owner: Any, model: Any, *, learned: bool, what: str) -> None:

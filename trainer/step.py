@@ -55,6 +55,12 @@ def _zeros_like(gradient: tf.Tensor | tf.IndexedSlices, variable: tf.Variable) -
     return lambda: tf.zeros(shape, gradient.dtype)
 
 
+def _no_rows_like(tensor: tf.Tensor) -> Callable[[], tf.Tensor]:
+    """A maker of zeros shaped like ``tensor``, an unknown dimension (a batch) 0."""
+    shape, dtype = [0 if d is None else d for d in tensor.shape.as_list()], tensor.dtype
+    return lambda: tf.zeros(shape, dtype)
+
+
 @dataclass
 class BlockInfo:
     """What the host learns from one block."""
@@ -273,11 +279,10 @@ class Steps:
             micro = math.micro(batch, weights, count=False, defer=True)
             connected = [j for j, g in enumerate(micro.grads) if g is not None]
             if "zeros" not in traced:
-                shared = [math.variables[j] for j in (math.balance.shared if micro.components else [])]
                 traced["connected"] = [g is not None for g in micro.grads]
-                traced["zeros"] = (
+                traced["zeros"] = (  # a factored kernel's entries have a batch dimension: zeros of no rows
                     [_zeros_like(micro.grads[j], math.variables[j]) for j in connected],
-                    [[_zeros_like(g, v) for g, v in zip(per_key, shared)] for per_key in micro.components],
+                    tf.nest.map_structure(_no_rows_like, micro.components),
                 )
             means, examples = micro.tracked
             grads = [micro.grads[j] for j in connected]

@@ -21,6 +21,7 @@ import tensorflow as tf
 from losses import replica_share
 from losses.distributed import plain_keras_losses
 from trainer.balance import Balance
+from trainer.gramian import graph_mark
 from trainer.metrics import MetricSpec
 from trainer.objective import REGULARIZATION, TOTAL, Objective
 from trainer.structure import batch_size_of
@@ -38,7 +39,7 @@ class Micro(NamedTuple):
     values: tf.Tensor  # (keys,) float32: global batch means
     grads: list[tf.Tensor | None]  # per trainable variable: gradient of the global mean (None: not connected)
     examples: tf.Tensor | None  # float32: examples in the global (micro-)batch (None: not counted)
-    components: list[list[tf.Tensor]]  # (balancing) per component: its gradient of each shared variable
+    components: list[list[tf.Tensor]]  # (balancing) per component: its gradient of each shared variable (see Balance)
     tracked: tuple  # (deferred tracking) the batch means to track and the batch's examples; () otherwise
 
 
@@ -141,6 +142,7 @@ class StepMath:
     def _train_replica(self, batch: tuple[Any, Mapping[str, tf.Tensor]], weights: tf.Tensor, defer: bool = False):
         inputs, targets = batch
         share = None if self._replicas == 1 else replica_share(batch_size_of(inputs))
+        mark = graph_mark() if self._jacobian else None  # where the forward pass's ops begin (factored kernels)
         with tf.GradientTape(persistent=self._jacobian) as tape:
             outputs, parts, values, weights = self._losses(inputs, targets, training=True, weights=weights)
             # The one distribution scaling: loss × b/B, gradients summed over replicas.
@@ -152,7 +154,9 @@ class StepMath:
                 term = {k: self.optimizer.scale_loss(weighted[i] * parts[k]) for i, k in enumerate(keys)}
         if self._jacobian:
             terms = [term[key] for key in self.balance.keys]
-            grads, components = self.balance.replica_gradients(tape, terms, term.get(REGULARIZATION), self.variables)
+            grads, components = self.balance.replica_gradients(
+                tape, terms, term.get(REGULARIZATION), self.variables, mark
+            )
         else:
             grads, components = tape.gradient(scaled, self.variables), []
         if all(g is None for g in grads) and not any(components):
