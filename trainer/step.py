@@ -148,6 +148,7 @@ class Steps:
             return compiled(lambda iterator, n, stop: self._block(mode, iterator, n, stop, exact))
 
         self.blocks = {(mode, exact): block(mode, exact) for mode in ("train", "eval") for exact in (True, False)}
+        self._concrete: dict[tuple, Callable] = {}  # block_for's results, by mode, exactness and iterator type
 
     def block_for(self, mode: str, exact: bool, iterator: Any, count: tf.Tensor) -> Callable:
         """The block to call for one epoch over ``iterator``: its concrete function when compiled.
@@ -159,9 +160,19 @@ class Steps:
         if self._run_eagerly:
             return block
         try:
-            return block.get_concrete_function(iterator, count, count)
+            key = (mode, exact, iterator._type_spec)  # the iterator's element structure: another traces anew
+            hash(key)
+        except (AttributeError, TypeError):
+            key = None
+        if key is not None and key in self._concrete:  # the match itself costs ~0.4 ms, at every epoch
+            return self._concrete[key]
+        try:
+            concrete = block.get_concrete_function(iterator, count, count)
         except Exception as err:
             raise _own_error(err) from None
+        if key is not None:
+            self._concrete[key] = concrete
+        return concrete
 
     # -- the in-graph loop ----------------------------------------------------------------------------------------
 
