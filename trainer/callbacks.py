@@ -223,6 +223,10 @@ class CallbackList:
             metrics={**tracker.metrics, **tracker.layer_metrics},
         )
 
+    def listens(self, hook: str) -> bool:
+        """Some callback overrides ``hook`` (else its logs need not be made)."""
+        return bool(getattr(self, hook).methods)
+
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):
             raise AttributeError(hook)
@@ -237,6 +241,7 @@ class CallbackList:
             for method in methods:
                 method(*args)
 
+        dispatch.methods = methods
         setattr(self, hook, dispatch)  # cached: __getattr__ runs once per hook
         return dispatch
 

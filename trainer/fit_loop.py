@@ -84,7 +84,7 @@ class FitLoop(BlockHooks):
         self.stop_agreed = False  # some process asked to stop; every worker stops at the same block
         self._saved_step = -1
         self._callback_states: list | None = None  # restored, applied after on_train_begin
-        self._values: dict[str, float] | None = None  # the trackers' values after the epoch's last block
+        self._info: BlockInfo | None = None  # the epoch's last block (its logs: the trackers' values)
 
     # -- block hooks ----------------------------------------------------------------------------------------------
 
@@ -92,8 +92,8 @@ class FitLoop(BlockHooks):
         self.callbacks.on_train_batch_begin(self.epochs.position.epoch_steps, None)
 
     def end(self, info: BlockInfo) -> None:
-        self._values = info.logs
-        if info.ran:
+        self._info = info  # its logs are the epoch's when it is the last block (made only then)
+        if info.ran and self.callbacks.listens("on_train_batch_end"):
             self.callbacks.on_train_batch_end(self.epochs.position.epoch_steps - 1, info.logs)
         step = self.runner.global_step
         if self.checkpointer is not None and self.checkpointer.every.due(step - info.ran, step):
@@ -232,9 +232,9 @@ class FitLoop(BlockHooks):
                 if not (epoch == position.epoch and position.mid_epoch):
                     runner.reset("train")  # a resumed epoch keeps its restored trackers
                 callbacks.on_epoch_begin(epoch, None)
-                self._values = None
+                self._info = None
                 self.epochs.run_epoch(epoch, self)
-                logs = runner.logs("train", self._values)
+                logs = runner.logs("train", None if self._info is None else self._info.logs)
                 if self.validation is not None and self.validation.due(epoch):
                     val = self.validation.evaluate(runner, callbacks, epoch)
                     logs.update({f"val_{key}": value for key, value in val.items()})

@@ -221,6 +221,8 @@ class BlockRunner:
         return done, False
 
     def _raise_if_non_finite(self, info: BlockInfo) -> None:
+        if info.finite.all() or (self.nan_policy == "skip" and info.consecutive <= self.max_consecutive_skips):
+            return
         values = dict(zip(self.steps.loss_keys, info.values.tolist()))
         bad = [key for key, ok in zip(self.steps.loss_keys, info.finite) if not ok]
         if self.nan_policy == "raise" and bad:

@@ -72,7 +72,13 @@ class BlockInfo:
     stopped: bool  # a stop was requested (on any worker): the block ran no step
     finite: np.ndarray  # per logged loss key: finite at the last step
     values: np.ndarray  # per logged loss key: value at the last step
-    logs: dict[str, float]  # tracker results
+    results: np.ndarray  # the trackers' results, in ``keys`` order
+    keys: list[str]
+
+    @functools.cached_property
+    def logs(self) -> dict[str, float]:
+        """The trackers' results by key (made when read: at one step per call most blocks' are not)."""
+        return dict(zip(self.keys, self.results.tolist()))
 
 
 def _own_error(err: BaseException) -> BaseException:
@@ -358,7 +364,6 @@ class Steps:
     def unpack(self, mode: str, block: np.ndarray) -> BlockInfo:
         """Split a block's vector (see :class:`BlockInfo`)."""
         k = len(self.loss_keys)
-        logs = dict(zip(self.trackers[mode].keys, block[5 + 2 * k :].tolist()))
         return BlockInfo(
             ran=int(block[0]),
             more=bool(block[1]),
@@ -367,5 +372,6 @@ class Steps:
             stopped=bool(block[4]),
             finite=block[5 : 5 + k] > 0,
             values=block[5 + k : 5 + 2 * k],
-            logs=logs,
+            results=block[5 + 2 * k :],
+            keys=self.trackers[mode].keys,
         )
