@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import trainer.gramian as gramian_module
 import trainer.trainer as trainer_module
 from tests import helpers
 from tests.test_balancing import heads_apart, three_components
 from trainer import Trainer
 from trainer.gramian import _by_gradients, _by_kernel, dense_kernels, direction, gramian, graph_mark
+
+
+@pytest.fixture(autouse=True)
+def every_kernel_factored(monkeypatch):
+    """These models are small: factor their kernels anyway (the size rule has its own test)."""
+    monkeypatch.setattr(gramian_module, "MIN_KERNEL", 1)
 
 
 def _reference(x: np.ndarray, deltas: list[np.ndarray]) -> np.ndarray:
@@ -63,6 +70,23 @@ def test_only_kernels_read_by_one_plain_matmul_qualify():
     trace(tf.zeros([2, 5, 6]))
     assert names == ["plain/kernel"]
     assert dense_kernels(None, variables) == {}  # eager: nothing to read
+
+
+def test_only_kernels_of_at_least_min_kernel_elements_are_factored(monkeypatch):
+    """Below 2^14 elements the factored form's extra operations cost more than it saves (measured)."""
+    monkeypatch.setattr(gramian_module, "MIN_KERNEL", 2**14)
+    inp = keras.Input((100,))
+    model = keras.Model(inp, keras.layers.Dense(8, name="small")(keras.layers.Dense(256, name="large")(inp)))
+    variables, names = model.trainable_variables, []
+
+    @tf.function(autograph=False)
+    def trace(x):
+        mark = graph_mark()
+        model(x)
+        names.extend(variables[j].path for j in dense_kernels(mark, variables))
+
+    trace(tf.zeros([2, 100]))
+    assert names == ["large/kernel"]  # 25,600 elements; small/kernel has 2,048
 
 
 def _no_factoring(monkeypatch):
@@ -120,3 +144,14 @@ def test_mixed_precision_factored_kernels_match_formed_gradients(monkeypatch):
         np.testing.assert_allclose(history[key], want_history[key], rtol=2e-3, err_msg=key)
     for a, b in zip(weights, want_weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_under_xla_the_factored_step_equals_the_plain_graphs():
+    """``jit_compile=True`` compiles the step with its factored kernels (the form chosen at run time included)."""
+    weights, history, balance = _run("upgrad", three_components, 16)
+    jit_weights, jit_history, jit_balance = _run("upgrad", three_components, 16, jit_compile=True)
+    assert balance.factored and jit_balance.factored == balance.factored
+    for a, b in zip(jit_weights, weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for key in history:
+        np.testing.assert_allclose(jit_history[key], history[key], rtol=1e-5, atol=1e-7, err_msg=key)
