@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.python.framework import func_graph
 
 __all__ = ["MIN_KERNEL", "PAIRWISE", "dense_kernels", "direction", "gramian", "graph_mark"]
 
@@ -35,8 +34,7 @@ _PASS_THROUGH = ("Cast", "Identity")  # between a variable's read and its use (m
 
 def graph_mark() -> int | None:
     """The number of operations in the graph being traced (None when eager): the forward pass's ops follow it."""
-    graph = tf.compat.v1.get_default_graph()
-    return len(graph.get_operations()) if isinstance(graph, func_graph.FuncGraph) else None
+    return len(tf.compat.v1.get_default_graph().get_operations()) if tf.inside_function() else None
 
 
 def dense_kernels(mark: int | None, variables: Sequence[tf.Variable]) -> dict[int, tuple[tf.Tensor, tf.Tensor]]:
@@ -46,7 +44,7 @@ def dense_kernels(mark: int | None, variables: Sequence[tf.Variable]) -> dict[in
         return {}
     graph = tf.compat.v1.get_default_graph()
     handles = {graph.capture(v.handle).ref(): j for j, v in enumerate(variables)}
-    uses: dict[int, list[tuple[tf.Operation, int]]] = {}
+    uses: dict[int, list[tf.Operation]] = {}  # variable -> the ops its reads feed
     for op in graph.get_operations()[mark:]:
         if op.type != "ReadVariableOp" or op.inputs[0].ref() not in handles:
             continue
