@@ -252,9 +252,8 @@ class CallbackList:
         for callback in self._followed:
             callback.mode = "auto"  # as it was given (its monitor_op stays resolved)
         for callback in self.callbacks:
-            teardown = getattr(callback, "teardown", None)
-            if teardown is not None:
-                teardown()
+            if getattr(callback, "teardown", None) is not None:
+                callback.teardown()
 
 
 def _keras_style(key: str, losses: Iterable[str]) -> str:

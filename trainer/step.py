@@ -165,20 +165,14 @@ class Steps:
         block = self.blocks[mode, exact]
         if self._run_eagerly:
             return block
-        try:
-            key = (mode, exact, iterator._type_spec)  # the iterator's element structure: another traces anew
-            hash(key)
-        except (AttributeError, TypeError):
-            key = None
-        if key is not None and key in self._concrete:  # the match itself costs ~0.4 ms, at every epoch
-            return self._concrete[key]
-        try:
-            concrete = block.get_concrete_function(iterator, count, count)
-        except Exception as err:
-            raise _own_error(err) from None
-        if key is not None:
-            self._concrete[key] = concrete
-        return concrete
+        # The iterator's kind and element structure (names, shapes, dtypes): another is matched (and traced) anew.
+        key = (mode, exact, type(iterator), repr(iterator.element_spec))
+        if key not in self._concrete:  # the match itself costs ~0.4 ms: once, not at every epoch
+            try:
+                self._concrete[key] = block.get_concrete_function(iterator, count, count)
+            except Exception as err:
+                raise _own_error(err) from None
+        return self._concrete[key]
 
     # -- the in-graph loop ----------------------------------------------------------------------------------------
 
