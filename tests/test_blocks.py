@@ -62,7 +62,7 @@ def test_the_update_is_outside_any_tf_cond_in_the_default_training_loop(nan_poli
     trainer = Trainer(helpers.example1(), optimizer=keras.optimizers.SGD(0.05), loss=LOSSES, nan_policy=nan_policy)
     trainer.fit(data, steps_per_epoch=4, progress=False)
     count = tf.constant(1)
-    block = trainer.runner.steps.blocks["train", True].get_concrete_function(
+    block = trainer.runner.steps.blocks["train", True, False].get_concrete_function(
         trainer.runner.distribute(data), count, count
     )
     bodies = [f for f in block.graph.as_graph_def().library.function if f.signature.name.startswith("while_body")]
@@ -99,3 +99,44 @@ def test_an_epoch_reuses_its_blocks_concrete_function_for_the_same_kind_of_itera
     static = tf.data.Dataset.from_tensor_slices((x, y)).batch(32, drop_remainder=True)  # batches of a known size
     trainer.fit(static, epochs=6, initial_epoch=5, progress=False)
     assert sum(c.matched for c in counting.values()) == 1
+
+
+def _graph_ops(concrete) -> set[str]:
+    graph = concrete.graph.as_graph_def()
+    return {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+
+
+@pytest.mark.parametrize("nan_policy, known", [("raise", True), ("raise", False), ("skip", True)])
+def test_one_step_per_call_runs_blocks_without_a_loop_and_the_numbers_of_longer_blocks(nan_policy, known):
+    """At steps_per_execution=1 a block is one step without a tf.while_loop (its control-flow ops cost ~10 % of a
+    small step, measured side by side: scripts/bench.py); the variant with a loop is never traced. Histories
+    (validation and skipped steps included) and weights are bit-identical to blocks of 3 steps."""
+    x, y = helpers.example1_data(70)  # 5 batches of 16, the last one of 6
+    if nan_policy == "skip":
+        x[20] = np.nan  # the second batch's step is skipped
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    if not known:
+        data = data.filter(lambda *_: True)  # cardinality unknown: the loop that checks for the data's end
+    model = helpers.example1()
+    twin = helpers.clone(model)
+    runs = []
+    for net, steps in ((model, 1), (twin, 3)):
+        trainer = Trainer(net, optimizer=keras.optimizers.SGD(0.05), loss=LOSSES, steps_per_execution=steps,
+                          nan_policy=nan_policy)  # fmt: skip
+        history = trainer.fit(data, epochs=2, validation_data=data.skip(2), progress=False).history
+        runs.append((trainer, history))
+    (one, h1), (three, h3) = runs
+    assert h1 == h3
+    assert h1.get("skipped_steps", [1.0, 1.0]) == [1.0, 1.0]
+    for a, b in zip(helpers.weights(model), helpers.weights(twin), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for steps_per_call, trainer in ((1, one), (3, three)):
+        traced = {key: block.experimental_get_tracing_count() for key, block in trainer.runner.steps.blocks.items()}
+        used = {key for key, count in traced.items() if count}
+        assert all(count <= 1 for count in traced.values())
+        assert used == {("train", known, steps_per_call == 1), ("eval", known, steps_per_call == 1)}
+        for mode, exact, single in used:
+            iterator = trainer.runner.distribute(data)
+            count = tf.constant(1)
+            concrete = trainer.runner.steps.blocks[mode, exact, single].get_concrete_function(iterator, count, count)
+            assert bool(_graph_ops(concrete) & {"While", "StatelessWhile"}) == (not single)

@@ -30,6 +30,11 @@ class BlockSizer:
         self.max_steps = max_steps
         self._calls = 0
 
+    @property
+    def single(self) -> bool:
+        """Every block is one step (``steps_per_execution=1``): the compiled variant without a loop."""
+        return not self.auto and self.size == 1
+
     def next(self, *limits: int | None) -> int:
         """The block length: the current size, cut to every given limit (steps left, steps to a boundary)."""
         return min([self.size, *(limit for limit in limits if limit is not None)])

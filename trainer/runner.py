@@ -193,8 +193,9 @@ class BlockRunner:
         """
         hooks = hooks or BlockHooks()
         train = mode == "train"
-        block = self.steps.block_for(mode, budget is not None and exact, iterator, self._count(1))
         sizer = self.sizers[mode]
+        exact = budget is not None and exact
+        block = self.steps.block_for(mode, exact, iterator, self._count(1), single=sizer.single)
         done = 0
         while budget is None or done < budget:
             boundary = steps_to_boundary(self.global_step, self.periods) if train else None

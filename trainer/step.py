@@ -148,25 +148,33 @@ class Steps:
         self._eval = compiled(math.evaluate, **jit) if jit else math.evaluate
         self._micro = compiled(math.micro, **jit) if jit else math.micro
 
-        # Two loops per mode: "exact" when the host knows the data holds the batches (known cardinality; plain
-        # next(), ~15 % faster on small models), "open" otherwise (get_next_as_optional, stops at the end).
-        def block(mode: str, exact: bool) -> Callable:
-            return compiled(lambda iterator, n, stop: self._block(mode, iterator, n, stop, exact))
+        # Variants per mode (each traced only when a run uses it): "exact" when the host knows the data holds the
+        # batches (known cardinality; plain next(), ~15 % faster on small models), "open" otherwise
+        # (get_next_as_optional, stops at the end); "single" for steps_per_execution=1, a block of at most one step
+        # with no tf.while_loop (its loop variables' control-flow ops cost ~10 % of a small step).
+        def block(mode: str, exact: bool, single: bool) -> Callable:
+            return compiled(lambda iterator, n, stop: self._block(mode, iterator, n, stop, exact, single))
 
-        self.blocks = {(mode, exact): block(mode, exact) for mode in ("train", "eval") for exact in (True, False)}
-        self._concrete: dict[tuple, Callable] = {}  # block_for's results, by mode, exactness and iterator type
+        self.blocks = {
+            (mode, exact, single): block(mode, exact, single)
+            for mode in ("train", "eval")
+            for exact in (True, False)
+            for single in (False, True)
+        }
+        self._concrete: dict[tuple, Callable] = {}  # block_for's results, by variant and iterator type
 
-    def block_for(self, mode: str, exact: bool, iterator: Any, count: tf.Tensor) -> Callable:
-        """The block to call for one epoch over ``iterator``: its concrete function when compiled.
+    def block_for(self, mode: str, exact: bool, iterator: Any, count: tf.Tensor, *, single: bool = False) -> Callable:
+        """The block to call for one epoch over ``iterator``: its concrete function when compiled. ``single``: the
+        variant whose calls run at most one step (``num_steps`` 0 or 1).
 
         Calling the concrete function skips ``tf.function``'s per-call argument matching (about 0.14 ms a call on
         this machine, measured: the main Python cost at ``steps_per_execution=1``); the match runs once here.
         """
-        block = self.blocks[mode, exact]
+        block = self.blocks[mode, exact, single]
         if self._run_eagerly:
             return block
         # The iterator's kind and element structure (names, shapes, dtypes): another is matched (and traced) anew.
-        key = (mode, exact, type(iterator), repr(iterator.element_spec))
+        key = (mode, exact, single, type(iterator), repr(iterator.element_spec))
         if key not in self._concrete:  # the match itself costs ~0.4 ms: once, not at every epoch
             try:
                 self._concrete[key] = block.get_concrete_function(iterator, count, count)
@@ -198,8 +206,11 @@ class Steps:
             lambda: (tf.constant(False), finite, values),
         )
 
-    def _block(self, mode: str, iterator: Any, num_steps: tf.Tensor, stop: tf.Tensor, exact: bool) -> BlockResult:
-        """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss.
+    def _block(
+        self, mode: str, iterator: Any, num_steps: tf.Tensor, stop: tf.Tensor, exact: bool, single: bool = False
+    ) -> BlockResult:
+        """Run up to ``num_steps`` steps; stop early at the end of the data or at a non-finite loss. ``single``:
+        ``num_steps`` is at most 1, and the loop is its one iteration, without a ``tf.while_loop``.
 
         ``stop`` (0/1) is this process's request to stop (a signal arrived); it is summed over all replicas first,
         so that every worker of a multi-worker run stops at the same block and none waits in a collective.
@@ -218,7 +229,7 @@ class Steps:
         weights = self._loss_weights()  # they change only between blocks (from the host): read once per block
 
         if mode == "train" and self._pipeline:
-            ran, more, values = self._pipelined(iterator, num_steps, exact, weights)
+            ran, more, values = self._pipelined(iterator, num_steps, exact, weights, single)
             skipped, consecutive = self.skipped.read_value(), self.consecutive.read_value()  # 0 under "raise"
             return self._result(mode, ran, more, skipped, consecutive, stopped, tf.math.is_finite(values), values)
         skips = self._skip and mode == "train"
@@ -249,7 +260,10 @@ class Steps:
                 new["i"] = s["i"] + ran * tf.cast(tf.reduce_all(ok), tf.int32)
             return (new,)
 
-        (end,) = tf.while_loop(cond, body, (state,))
+        if single:  # the loop's one iteration: the same operations, without the loop's
+            (end,) = tf.cond(cond(state), lambda: body(state), lambda: (state,))
+        else:
+            (end,) = tf.while_loop(cond, body, (state,))
         ran, finite, values = end["i"], end["finite"], end["values"]
         more = end.get("more", tf.constant(True))
         if skips:
@@ -268,7 +282,7 @@ class Steps:
         )
         return tf.concat([head, tf.cast(finite, tf.float32), values, tf.stack(list(logs.values()))], axis=0)
 
-    def _pipelined(self, iterator: Any, num_steps: tf.Tensor, exact: bool, weights: tf.Tensor) -> tuple:
+    def _pipelined(self, iterator: Any, num_steps: tf.Tensor, exact: bool, weights: tf.Tensor, single: bool) -> tuple:
         """The training loop, software-pipelined: each iteration applies the step before it, then runs the next
         forward/backward; the loop's own predicate ends the block at a non-finite step, before its update.
 
@@ -280,6 +294,9 @@ class Steps:
 
         Carried from one iteration to the next: the step's values (its finite flags are theirs), tracked means and
         example count, gradients and, with balancing, its components' gradients.
+
+        ``single`` (``num_steps`` <= 1): the step produced before the loop is the block's only one, so the loop,
+        whose iterations each apply a step and produce the next, would run none: it is left out.
 
         Returns (steps applied, data left, values of the last step run).
         """
@@ -341,7 +358,7 @@ class Steps:
         state = {"i": tf.cast(has, tf.int32), "pending": pending}
         if not exact:
             state["more"] = has
-        (end,) = tf.while_loop(cond, body, (state,))
+        (end,) = (state,) if single else tf.while_loop(cond, body, (state,))
         more = end.get("more", tf.constant(True))
         # The last step ran (data was left): applied if finite; if not, it does not count.
         ran_last, ok = tf.logical_and(end["i"] > 0, more), finite(end["pending"])
