@@ -89,9 +89,9 @@ class BlockRunner:
         self.global_step = 0  # training steps (optimizer updates) applied so far
         self._counts: dict[int, tf.Tensor] = {}
         self._repeated: tuple[tf.data.Dataset, tf.data.Dataset] | None = None
-        # Resetting is a handful of assignments: one compiled call instead of several eager ops.
-        self._resets = {mode: own_function(lambda m=mode: self._reset_state(m)) for mode in MODES}
-        self._reset_calls: dict[str, Any] = {}
+        # Resetting is a handful of assignments: one compiled call instead of several eager ops (traced when first
+        # used; its concrete function is called directly, without argument matching).
+        self._resets: dict[str, Any] = {}
 
     # -- what the loops configure and read ------------------------------------------------------------------------
 
@@ -118,9 +118,9 @@ class BlockRunner:
 
     def reset(self, mode: str) -> None:
         """Start a new epoch (``"train"``: trackers and the epoch's skipped-step count) or evaluation (``"eval"``)."""
-        if mode not in self._reset_calls:  # its concrete function, called directly: no argument matching each time
-            self._reset_calls[mode] = self._resets[mode].get_concrete_function()
-        self._reset_calls[mode]()
+        if mode not in self._resets:
+            self._resets[mode] = own_function(lambda: self._reset_state(mode)).get_concrete_function()
+        self._resets[mode]()
 
     def _reset_state(self, mode: str) -> None:
         self.trackers[mode].reset()
