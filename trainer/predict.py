@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from trainer.blocks import flat_call
 from trainer.cluster import check_same_batches, is_multi_worker
 from trainer.data import Data
 from trainer.errors import DataError, StepError
@@ -47,6 +48,7 @@ class Predictor:
         self._forward = forward
         self._strategy = strategy
         self.traces = 0
+        self._run_eagerly = run_eagerly
         self._step = self._step_fn if run_eagerly else own_function(self._step_fn)
 
     def _replica(self, inputs: Any) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
@@ -77,10 +79,12 @@ class Predictor:
             check_same_batches(self._strategy, "predict", batches if batches >= 0 else None)
         chunks: dict[str, list[np.ndarray]] = {}
         iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
-        done = 0
+        step, done = self._step, 0
         while True:
             try:
-                outputs, sizes = self._step(iterator)
+                if done == 0 and not self._run_eagerly:  # traced (and named if it fails) on the first batch
+                    step = flat_call(self._step.get_concrete_function(iterator), iterator)
+                outputs, sizes = step(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 break
             except tf.errors.OpError as err:  # on a later batch (the first one fails while tracing, named)
