@@ -79,15 +79,14 @@ class Predictor:
             check_same_batches(self._strategy, "predict", batches if batches >= 0 else None)
         chunks: dict[str, list[np.ndarray]] = {}
         iterator = iter(self._strategy.experimental_distribute_dataset(dataset))
-        step, done = self._step, 0
+        step = self._step if self._run_eagerly else flat_call(self._step.get_concrete_function(iterator), iterator)
+        done = 0
         while True:
             try:
-                if done == 0 and not self._run_eagerly:  # traced (and named if it fails) on the first batch
-                    step = flat_call(self._step.get_concrete_function(iterator), iterator)
                 outputs, sizes = step(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
                 break
-            except tf.errors.OpError as err:  # on a later batch (the first one fails while tracing, named)
+            except tf.errors.OpError as err:  # on a later batch (the first one fails above, tracing, named)
                 raise StepError("predict", done, 1, err) from err
             done += 1
             sizes = sizes.numpy()

@@ -162,7 +162,7 @@ class Steps:
             for exact in (True, False)
             for single in (False, True)
         }
-        self._concrete: dict[tuple, Callable] = {}  # block_for's results, by variant and iterator type
+        self._concrete: dict[tuple, Callable] = {}  # the blocks' concrete functions, by variant and iterator kind
 
     def block_for(self, mode: str, exact: bool, iterator: Any, count: tf.Tensor, *, single: bool = False) -> Callable:
         """The block to call for one epoch over ``iterator``: its concrete function when compiled, called with flat
