@@ -292,7 +292,7 @@ class Steps:
         A ``tf.cond`` around the update (the guard that a non-finite step changes no weight) costs a ``Switch`` for
         every tensor the update reads; here no update sits in one but the block's last, applied after the loop. The
         step's tracked means are added with its update (added in the forward pass, they cost twice as much here).
-        Measured against the guarded loop, paired in one process: README, Performance. The operations run in the
+        Measured against the guarded loop, paired in one process: docs/performance-log.md. The operations run in the
         same order as one step per call, so every number is the same whatever the block length.
 
         Carried from one iteration to the next: the step's values (its finite flags are theirs), tracked means and
