@@ -18,6 +18,20 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 RTOL, ATOL = 1e-5, 1e-6  # tapeloop against Keras on the same model, data and order
 
 
+def script_module(name: str):
+    """Import ``scripts/<name>.py`` (the bench's and the CLI's helpers), the scripts folder on ``sys.path`` only
+    while it imports (its siblings import each other by name)."""
+    import importlib
+    import sys
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)
+
+
 def fails_before_update(trainer: Trainer, exc: type[BaseException], match: str, *args, **kwargs) -> None:
     """``trainer.fit(*args, **kwargs)`` raises ``exc`` matching ``match``, and no weight or step count changed."""
     import pytest

@@ -264,15 +264,8 @@ def test_dwa_weights_follow_the_last_two_epoch_losses():
 def test_the_benchs_hand_written_floors_do_the_trainers_work(m, name):
     """scripts/bench_aggregators.py times a hand-written step as the floor under each aggregator's cost: it must update
     the weights as the Trainer does (m = 4 takes the stacked rows' Gramian)."""
-    import sys
-    from pathlib import Path
-
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        from bench_aggregators import hand_step, heads_loss, trunk_model
-    finally:
-        sys.path.remove(scripts)
+    bench = helpers.script_module("bench_aggregators")
+    hand_step, heads_loss, trunk_model = bench.hand_step, bench.heads_loss, bench.trunk_model
     rng = np.random.default_rng(0)
     x = rng.random((96, 100), dtype=np.float32)
     y = {f"task{i}": rng.normal(size=(96, 1)).astype(np.float32) * (i + 1) * (-1) ** i for i in range(m)}

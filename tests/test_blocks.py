@@ -229,21 +229,13 @@ def test_the_benchs_hand_loops_do_the_trainers_work(form):
     """scripts/bench.py times three hand-written loops as the floor under the Trainer at 32 steps per call (a
     ``tf.while_loop``, the steps written out, the update under a ``tf.cond``): each must train the model as the
     Trainer does on the same data and order (40 steps: a block of 32, then one of 8)."""
-    import sys
-    from pathlib import Path
-
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        from bench import hand_loop, keras_losses, two_head_data, two_head_model
-    finally:
-        sys.path.remove(scripts)
-    data = two_head_data(32 * 40, 32)
+    bench = helpers.script_module("bench")
+    data = bench.two_head_data(32 * 40, 32)
     keras.utils.set_random_seed(0)
-    trained = two_head_model((64, 32))
+    trained = bench.two_head_model((64, 32))
     keras.utils.set_random_seed(0)
-    by_hand = two_head_model((64, 32))
+    by_hand = bench.two_head_model((64, 32))
     Trainer(trained, optimizer=keras.optimizers.Adam(1e-3), loss=LOSSES, steps_per_execution=32).fit(data, verbose=0)
-    hand_loop(by_hand, keras_losses, data, 32, guard=form == "guarded", unrolled=form == "written_out")()
+    bench.hand_loop(by_hand, bench.keras_losses, data, 32, guard=form == "guarded", unrolled=form == "written_out")()
     for ours, theirs in zip(trained.trainable_variables, by_hand.trainable_variables, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=0, atol=1e-6)
